@@ -1,0 +1,224 @@
+"""The op protocol: `TensorMeta`, the `Op` base class, its registry, and the JSON / text forms."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from splice.errors import TransformError
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Shape and dtype of a tensor, without its data (from a safetensors header or a meta tensor)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorMeta:
+        return cls(tuple(tensor.shape), tensor.dtype)
+
+    def empty(self, device: str | torch.device = "meta") -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device=device)
+
+    def __str__(self) -> str:
+        return f"{str(self.dtype).removeprefix('torch.')}{list(self.shape)}"
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when two tensors have the same dtype, shape and bytes (so NaN == NaN and -0.0 != 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.is_floating_point or a.dtype.is_complex:
+        size = a.dtype.itemsize
+        if size not in _BITS:
+            return bool(torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
+        return bool(torch.equal(a.view(_BITS[size]), b.view(_BITS[size])))
+    return bool(torch.equal(a, b))
+
+
+# --------------------------------------------------------------------------------------------------
+# The base class and its registry
+
+
+_REGISTRY: dict[str, type[Op]] = {}
+
+
+@dataclass(frozen=True)
+class Op:
+    """A reversible tensor function: ``apply`` maps N tensors to M tensors, ``inverted`` is its inverse."""
+
+    name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            _REGISTRY[cls.name] = cls
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def inverted(self) -> Op:
+        raise NotImplementedError
+
+    def inverse(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self.inverted().apply(tensors)
+
+    def resolve(self, metas: Sequence[TensorMeta]) -> Op:
+        """This op with every size it can learn from its inputs filled in."""
+        return self
+
+    @property
+    def resolved(self) -> bool:
+        return True
+
+    def infer(self, metas: Sequence[TensorMeta]) -> list[TensorMeta]:
+        """Output shapes and dtypes for inputs of these shapes and dtypes, without touching data."""
+        outputs = self.apply([m.empty("meta") for m in metas])
+        return [TensorMeta.of(t) for t in outputs]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"op": self.name}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            out[field.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def __str__(self) -> str:
+        parts = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None:
+                parts.append(f"{field.name}={value!r}")
+        return f"{self.name}({', '.join(parts)})"
+
+    def _fail(self, message: str) -> TransformError:
+        return TransformError(f"{self}: {message}")
+
+    def _expect_count(self, tensors: Sequence[torch.Tensor], count: int | None, *, at_least: int = 1) -> None:
+        n = len(tensors)
+        if count is not None and n != count:
+            raise self._fail(f"expected {count} input tensor(s), got {n}")
+        if n < at_least:
+            raise self._fail(f"expected at least {at_least} input tensor(s), got {n}")
+
+    def _dim(self, dim: int, ndim: int) -> int:
+        if not -ndim <= dim < ndim:
+            raise self._fail(f"dim {dim} is out of range for a {ndim}-d tensor")
+        return dim % ndim
+
+
+def _shapes(tensors: Sequence[torch.Tensor]) -> str:
+    return ", ".join(str(list(t.shape)) for t in tensors)
+
+
+def _tuple(value: Any) -> tuple | None:
+    return None if value is None else tuple(value)
+
+
+def _argsort(order: Sequence[int]) -> tuple[int, ...]:
+    inverse = [0] * len(order)
+    for position, index in enumerate(order):
+        inverse[index] = position
+    return tuple(inverse)
+
+
+def _check_permutation(op: Op, order: Sequence[int], what: str) -> None:
+    if sorted(order) != list(range(len(order))):
+        raise op._fail(f"{what} {list(order)} is not a permutation of 0..{len(order) - 1}")
+
+
+# --------------------------------------------------------------------------------------------------
+# sequences of ops, JSON and text forms
+
+
+def apply_ops(ops: Sequence[Op], tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    out = list(tensors)
+    for op in ops:
+        out = op.apply(out)
+    return out
+
+
+def infer_ops(ops: Sequence[Op], metas: Sequence[TensorMeta]) -> list[TensorMeta]:
+    out = list(metas)
+    for op in ops:
+        out = op.infer(out)
+    return out
+
+
+def resolve_ops(ops: Sequence[Op], metas: Sequence[TensorMeta]) -> tuple[tuple[Op, ...], list[TensorMeta]]:
+    """Resolve each op against the shapes flowing into it; returns the ops and the output metas."""
+    resolved: list[Op] = []
+    current = list(metas)
+    for op in ops:
+        op = op.resolve(current)
+        current = op.infer(current)
+        resolved.append(op)
+    return tuple(resolved), current
+
+
+def invert_ops(ops: Sequence[Op]) -> tuple[Op, ...]:
+    return tuple(op.inverted() for op in reversed(ops))
+
+
+def op_from_dict(data: dict[str, Any]) -> Op:
+    """Build an op from its :meth:`Op.to_dict` form, with a clear error for unknown names or fields."""
+    if not isinstance(data, dict) or "op" not in data:
+        raise TransformError(f"an op must be a dict with an 'op' key, got {data!r}")
+    fields = dict(data)
+    name = fields.pop("op")
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise TransformError(f"unknown op {name!r}; known ops: {', '.join(sorted(_REGISTRY))}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise TransformError(f"op {name!r} has no field(s) {unknown}; its fields are {sorted(known)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def parse_op(text: str) -> Op:
+    """Parse the printed form of an op, e.g. ``"concat(dim=0, sizes=(64, 16, 16))"``."""
+    try:
+        call = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError as exc:
+        raise TransformError(f"cannot parse op {text!r}: {exc.msg}") from None
+    if isinstance(call, ast.Name):  # a bare name means an op with default fields
+        call = ast.Call(func=call, args=[], keywords=[])
+    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
+        raise TransformError(f"an op reads like name(arg=value, ...), got {text!r}")
+    cls = _REGISTRY.get(call.func.id)
+    if cls is None:
+        raise TransformError(
+            f"unknown op {call.func.id!r} in {text!r}; known ops: {', '.join(sorted(_REGISTRY))}"
+        )
+    try:
+        names = [f.name for f in dataclasses.fields(cls)]
+        if len(call.args) > len(names):
+            raise TransformError(f"op {cls.name!r} takes at most {len(names)} positional arguments: {text!r}")
+        data: dict[str, Any] = {"op": cls.name}
+        data.update({names[i]: ast.literal_eval(arg) for i, arg in enumerate(call.args)})
+        data.update({kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg})
+    except ValueError as exc:
+        raise TransformError(f"op arguments must be literals in {text!r}: {exc}") from None
+    return op_from_dict(data)

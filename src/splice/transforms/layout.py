@@ -1,0 +1,220 @@
+"""Layout ops: concat/split, stack/unstack, conv/linear, transpose."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from splice.transforms.base import Op, TensorMeta, _shapes, _tuple
+
+# concat <-> split: fusing q/k/v or gate/up along the output dim (uneven sizes for GQA)
+
+
+@dataclass(frozen=True)
+class Concat(Op):
+    """Join N tensors along ``dim``. ``sizes`` (each input's extent) is learned by :meth:`resolve`."""
+
+    name: ClassVar[str] = "concat"
+    dim: int = 0
+    sizes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sizes", _tuple(self.sizes))
+
+    @property
+    def resolved(self) -> bool:
+        return self.sizes is not None
+
+    def resolve(self, metas: Sequence[TensorMeta]) -> Concat:
+        if not metas:
+            raise self._fail("expected at least 1 input tensor(s), got 0")
+        dim = self._dim(self.dim, len(metas[0].shape))
+        return Concat(self.dim, tuple(m.shape[dim] for m in metas))
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self._expect_count(tensors, len(self.sizes) if self.sizes else None)
+        dim = self._dim(self.dim, tensors[0].dim())
+        first = tensors[0]
+        for t in tensors[1:]:
+            if t.dtype != first.dtype:
+                raise self._fail(f"inputs have different dtypes: {first.dtype} and {t.dtype}")
+            if t.dim() != first.dim() or any(
+                a != b for i, (a, b) in enumerate(zip(t.shape, first.shape)) if i != dim
+            ):
+                raise self._fail(
+                    f"inputs must agree on every dim except {dim}; got shapes {_shapes(tensors)}"
+                )
+        if self.sizes is not None and tuple(t.shape[dim] for t in tensors) != self.sizes:
+            raise self._fail(f"input sizes along dim {dim} are {[t.shape[dim] for t in tensors]}")
+        return [torch.cat(list(tensors), dim)]
+
+    def inverted(self) -> Split:
+        if self.sizes is None:
+            raise self._fail("cannot be inverted before its sizes are known; resolve it against input shapes")
+        return Split(self.dim, self.sizes)
+
+    def input_views(self, output: torch.Tensor) -> list[torch.Tensor]:
+        """Views of ``output`` that each input lands in, so a loader can read straight into them."""
+        return list(Split(self.dim, self.inverted().sizes).apply([output]))
+
+
+@dataclass(frozen=True)
+class Split(Op):
+    """Cut one tensor along ``dim`` into pieces of ``sizes``. Returns views."""
+
+    name: ClassVar[str] = "split"
+    dim: int = 0
+    sizes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sizes", tuple(self.sizes))
+        if not self.sizes or any(s < 0 for s in self.sizes):
+            raise self._fail("sizes must be a non-empty list of non-negative ints")
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self._expect_count(tensors, 1)
+        [x] = tensors
+        dim = self._dim(self.dim, x.dim())
+        if x.shape[dim] != sum(self.sizes):
+            raise self._fail(
+                f"input has size {x.shape[dim]} along dim {dim}, sizes add up to {sum(self.sizes)}"
+            )
+        return list(torch.split(x, list(self.sizes), dim))
+
+    def inverted(self) -> Concat:
+        return Concat(self.dim, self.sizes)
+
+
+# --------------------------------------------------------------------------------------------------
+# stack <-> unstack: MoE experts as one [E, ...] tensor
+
+
+@dataclass(frozen=True)
+class Stack(Op):
+    """Stack N same-shaped tensors along a new ``dim``."""
+
+    name: ClassVar[str] = "stack"
+    dim: int = 0
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self._expect_count(tensors, None)
+        first = tensors[0]
+        if any(t.shape != first.shape or t.dtype != first.dtype for t in tensors):
+            raise self._fail(f"inputs must share shape and dtype; got {_shapes(tensors)}")
+        self._dim(self.dim, first.dim() + 1)
+        return [torch.stack(list(tensors), self.dim)]
+
+    def inverted(self) -> Unstack:
+        return Unstack(self.dim)
+
+    def input_views(self, output: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.unbind(output, self.dim))
+
+
+@dataclass(frozen=True)
+class Unstack(Op):
+    """Split one tensor into its slices along ``dim`` (removing that dim). Returns views."""
+
+    name: ClassVar[str] = "unstack"
+    dim: int = 0
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self._expect_count(tensors, 1)
+        [x] = tensors
+        return list(torch.unbind(x, self._dim(self.dim, x.dim())))
+
+    def inverted(self) -> Stack:
+        return Stack(self.dim)
+
+
+# --------------------------------------------------------------------------------------------------
+# conv <-> linear: a patch embedding whose stride equals its kernel is a matmul over flattened patches
+
+
+@dataclass(frozen=True)
+class ConvToLinear(Op):
+    """Conv weight ``[out, in, *kernel]`` -> Linear weight ``[out, in * prod(kernel)]``."""
+
+    name: ClassVar[str] = "conv_to_linear"
+    kernel: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kernel", _tuple(self.kernel))
+
+    @property
+    def resolved(self) -> bool:
+        return self.kernel is not None
+
+    def resolve(self, metas: Sequence[TensorMeta]) -> ConvToLinear:
+        if len(metas) != 1 or len(metas[0].shape) < 3:
+            raise self._fail(
+                f"expected one conv weight of rank >= 3, got shapes {[list(m.shape) for m in metas]}"
+            )
+        return ConvToLinear(tuple(metas[0].shape[2:]))
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self._expect_count(tensors, 1)
+        [w] = tensors
+        if w.dim() < 3:
+            raise self._fail(f"expected a conv weight [out, in, *kernel], got shape {list(w.shape)}")
+        if self.kernel is not None and tuple(w.shape[2:]) != self.kernel:
+            raise self._fail(f"weight kernel is {list(w.shape[2:])}")
+        return [w.reshape(w.shape[0], -1)]
+
+    def inverted(self) -> LinearToConv:
+        if self.kernel is None:
+            raise self._fail("cannot be inverted before its kernel is known; resolve it against input shapes")
+        return LinearToConv(self.kernel)
+
+    def input_views(self, output: torch.Tensor) -> list[torch.Tensor]:
+        return self.inverted().apply([output])
+
+
+@dataclass(frozen=True)
+class LinearToConv(Op):
+    """Linear weight ``[out, in * prod(kernel)]`` -> conv weight ``[out, in, *kernel]``."""
+
+    name: ClassVar[str] = "linear_to_conv"
+    kernel: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kernel", tuple(self.kernel))
+        if not self.kernel or any(k <= 0 for k in self.kernel):
+            raise self._fail("kernel must be a non-empty list of positive ints")
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self._expect_count(tensors, 1)
+        [w] = tensors
+        patch = math.prod(self.kernel)
+        if w.dim() != 2 or w.shape[1] % patch:
+            raise self._fail(f"expected a linear weight [out, in * {patch}], got shape {list(w.shape)}")
+        return [w.reshape(w.shape[0], w.shape[1] // patch, *self.kernel)]
+
+    def inverted(self) -> ConvToLinear:
+        return ConvToLinear(self.kernel)
+
+
+# --------------------------------------------------------------------------------------------------
+# transpose (its own inverse)
+
+
+@dataclass(frozen=True)
+class Transpose(Op):
+    """Swap two dims (the result is contiguous)."""
+
+    name: ClassVar[str] = "transpose"
+    dim0: int = 0
+    dim1: int = 1
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self._expect_count(tensors, 1)
+        [x] = tensors
+        self._dim(self.dim0, x.dim()), self._dim(self.dim1, x.dim())
+        return [x.transpose(self.dim0, self.dim1).contiguous()]
+
+    def inverted(self) -> Transpose:
+        return self
