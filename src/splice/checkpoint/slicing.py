@@ -1,0 +1,158 @@
+"""From a basic index to the byte runs it touches, in the file and in memory. Pure functions of shapes.
+
+A selection of a C-ordered tensor is a set of equally long contiguous runs: every trailing dimension that
+is selected whole merges into the run, the innermost partially selected dimension sets its length, and
+the dimensions before it enumerate the runs. Selecting leading rows is therefore a single run.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from splice.errors import CheckpointError
+
+Ranges = list[tuple[int, int]]
+"""One ``(start, stop)`` per stored dimension; an integer index ``i`` is ``(i, i + 1)``."""
+
+
+def select(index: object, shape: tuple[int, ...], where: str) -> tuple[Ranges, tuple[int, ...]]:
+    """The per-dimension ranges of a basic index into ``shape``, and the shape of the result.
+
+    Supports what ``tensor[index]`` supports among basic indices: integers (negative ones count from the
+    end), slices with step 1 (bounds clipped like Python's), one ``...``, and fewer indices than
+    dimensions. ``None`` as a whole index selects everything.
+    """
+    if index is None:
+        return [(0, size) for size in shape], tuple(shape)
+    items = index if isinstance(index, tuple) else (index,)
+    ellipses = sum(item is Ellipsis for item in items)
+    if ellipses > 1:
+        raise CheckpointError(f"{where}: an index can have only one ellipsis (...), found {ellipses}")
+    explicit = len(items) - ellipses
+    if explicit > len(shape):
+        raise CheckpointError(
+            f"{where}: too many indices for a tensor of shape {tuple(shape)}: {explicit} given, {len(shape)} dimensions"
+        )
+    expanded: list[object] = []
+    for item in items:
+        if item is Ellipsis:
+            expanded.extend([slice(None)] * (len(shape) - explicit))
+        else:
+            expanded.append(item)
+    expanded.extend([slice(None)] * (len(shape) - len(expanded)))
+
+    ranges: Ranges = []
+    result_shape: list[int] = []
+    for dim, (item, size) in enumerate(zip(expanded, shape)):
+        if isinstance(item, slice):
+            if item.step not in (None, 1):
+                raise CheckpointError(
+                    f"{where}: slice {_show(item)} on dimension {dim} has step {item.step}; only step 1 is read "
+                    "from the file (read the range, then slice the tensor)"
+                )
+            start, stop, _ = item.indices(size)
+            stop = max(start, stop)
+            ranges.append((start, stop))
+            result_shape.append(stop - start)
+        else:
+            position = _as_position(item, dim, where)
+            if not -size <= position < size:
+                raise CheckpointError(
+                    f"{where}: index {position} is out of range for dimension {dim} of size {size}"
+                )
+            position %= size
+            ranges.append((position, position + 1))
+    return ranges, tuple(result_shape)
+
+
+def _as_position(item: object, dim: int, where: str) -> int:
+    if isinstance(item, bool) or (isinstance(item, torch.Tensor) and item.dtype == torch.bool):
+        raise CheckpointError(
+            f"{where}: boolean index {item!r} on dimension {dim} is not supported; use integers and slices"
+        )
+    if item is None:
+        raise CheckpointError(
+            f"{where}: None (a new axis) on dimension {dim} is not supported; unsqueeze the result"
+        )
+    if isinstance(item, torch.Tensor) and item.ndim != 0:
+        raise CheckpointError(
+            f"{where}: tensor index on dimension {dim} is advanced indexing, which is not supported; "
+            "use integers and slices"
+        )
+    try:
+        return operator.index(item)
+    except TypeError:
+        raise CheckpointError(
+            f"{where}: cannot index dimension {dim} with {item!r} of type {type(item).__name__}; "
+            "use integers, slices with step 1, and ..."
+        ) from None
+
+
+def _show(item: slice) -> str:
+    parts = ["" if v is None else str(v) for v in (item.start, item.stop, item.step)]
+    return ":".join(parts)
+
+
+def file_runs(shape: tuple[int, ...], itemsize: int, ranges: Ranges) -> tuple[list[int], int]:
+    """Byte offsets, from the tensor's first byte, of the contiguous runs a selection covers, and their length.
+
+    Runs come in C order of the selection. An empty selection has no runs.
+    """
+    if any(stop == start for start, stop in ranges):
+        return [], 0
+    strides = [itemsize] * len(shape)
+    for dim in range(len(shape) - 2, -1, -1):
+        strides[dim] = strides[dim + 1] * shape[dim + 1]
+    run = itemsize
+    inner = len(shape) - 1
+    while inner >= 0 and ranges[inner] == (0, shape[inner]):
+        run *= shape[inner]
+        inner -= 1
+    if inner < 0:
+        return [0], run
+    start, stop = ranges[inner]
+    run *= stop - start
+    base = sum(ranges[dim][0] * strides[dim] for dim in range(inner + 1))
+    offsets = torch.tensor([base], dtype=torch.int64)
+    for dim in range(inner):
+        start, stop = ranges[dim]
+        if stop - start > 1:
+            steps = torch.arange(stop - start, dtype=torch.int64) * strides[dim]
+            offsets = (offsets[:, None] + steps).reshape(-1)
+    return offsets.tolist(), run
+
+
+def memory_runs(out: torch.Tensor, where: str) -> tuple[list[int], int]:
+    """Byte offsets, from ``out``'s first element, of its maximal contiguous blocks in C order, and their length.
+
+    A contiguous tensor is one block. A view such as ``dest[:, a:b]`` of a contiguous ``dest`` is one block
+    per row. Layouts whose elements overlap, or that are not in C order (transposes), are refused.
+    """
+    if out.numel() == 0:
+        return [], 0
+    shape, strides, itemsize = tuple(out.shape), out.stride(), out.element_size()
+    block = 1
+    outer = len(shape) - 1
+    while outer >= 0 and (shape[outer] == 1 or strides[outer] == block):
+        block *= shape[outer]
+        outer -= 1
+    if outer < 0:
+        return [0], block * itemsize
+    extent = block  # elements spanned by one step of the dimension being checked
+    for dim in range(outer, -1, -1):
+        if shape[dim] == 1:
+            continue
+        if strides[dim] < extent:
+            raise CheckpointError(
+                f"{where}: out has shape {shape} and strides {strides}, a layout that is not C-ordered "
+                "or overlaps itself; pass a contiguous tensor, or a view of one such as dest[:, a:b]"
+            )
+        extent = strides[dim] * (shape[dim] - 1) + extent
+    offsets = torch.tensor([0], dtype=torch.int64)
+    for dim in range(outer + 1):
+        if shape[dim] > 1:
+            steps = torch.arange(shape[dim], dtype=torch.int64) * (strides[dim] * itemsize)
+            offsets = (offsets[:, None] + steps).reshape(-1)
+    return offsets.tolist(), block * itemsize
