@@ -1,0 +1,374 @@
+"""``CheckpointReader``: lazy, validated reads of single-file and sharded safetensors checkpoints.
+
+Headers are parsed (and checked) when the reader opens; tensor data is read only when asked for, with
+positional reads straight into the destination tensor, so nothing is mapped or buffered on the way.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from splice.errors import CheckpointError
+from splice.transforms import TensorMeta
+
+from ._io import RandomAccessFile, memory_of
+from .format import (
+    TAG_OF_DTYPE,
+    Header,
+    TensorEntry,
+    check_little_endian,
+    describe,
+    header_length,
+    load_json_object,
+    parse_header,
+)
+from .slicing import Ranges, file_runs, memory_runs, select
+
+DEFAULT_WEIGHTS_NAME = "model.safetensors"
+
+
+class _Shard:
+    """One open safetensors file and its header."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.file = RandomAccessFile(path, "rb")
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise CheckpointError(f"{path}: is a directory, expected a .safetensors file") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot open: {e.strerror}") from None
+        try:
+            self.header = self._read_header()
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _read_header(self) -> Header:
+        size = self.file.size()
+        prefix = bytearray(min(8, size))
+        self.file.read_exactly([memoryview(prefix)], 0)
+        n = header_length(bytes(prefix), size, str(self.path))
+        raw = bytearray(n)
+        self.file.read_exactly([memoryview(raw)], 8)
+        return parse_header(bytes(raw), size, str(self.path))
+
+
+class CheckpointReader:
+    """Read tensors, or parts of them, from a safetensors checkpoint without loading the rest.
+
+    ``path`` is a ``.safetensors`` file, a ``*.safetensors.index.json`` index, or a directory holding
+    ``model.safetensors`` or ``model.safetensors.index.json`` (checked in that order, as transformers
+    does; ``weights_name`` changes the ``model.safetensors`` part, e.g. ``adapter_model.safetensors``).
+
+    Every header is validated on open: dtype tags, shapes against data offsets, contiguous
+    non-overlapping data that ends exactly at the end of the file, and, for an index, that it and the
+    shards agree key for key. Tensor data is read lazily with positional reads into the destination::
+
+        with CheckpointReader("llama") as ckpt:
+            ckpt.meta("lm_head.weight")                      # TensorMeta, no data read
+            rows = ckpt.get_slice("lm_head.weight")[0:64]    # reads 64 rows, one system call
+            ckpt.read_into("model.norm.weight", param.data)  # fills an existing tensor in place
+
+    Keys keep file order for a single file (the order of the data) and index order for an index. The
+    reader keeps one open descriptor per file until ``close()``; reads are thread-safe.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, weights_name: str = DEFAULT_WEIGHTS_NAME):
+        check_little_endian()
+        self.path = Path(path)
+        self._shards: dict[Path, _Shard] = {}
+        self._entries: dict[str, tuple[_Shard, TensorEntry]] = {}
+        self.index_path: Path | None = None
+        self.index_metadata: dict = {}
+        self._bytes_read = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        try:
+            self._open(weights_name)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------------------------------ opening
+
+    def _open(self, weights_name: str) -> None:
+        path = self.path
+        if path.is_dir():
+            single, index = path / weights_name, path / (weights_name + ".index.json")
+            if single.is_file():
+                self._open_single(single)
+            elif index.is_file():
+                self._open_index(index)
+            else:
+                found = sorted(p.name for p in path.iterdir() if ".safetensors" in p.name)
+                has = f"it holds {', '.join(found[:8])}" if found else "it holds no .safetensors files"
+                raise CheckpointError(f"{path}: directory has neither {single.name} nor {index.name}; {has}")
+        elif path.name.endswith(".json"):
+            self._open_index(path)
+        elif path.exists():
+            self._open_single(path)
+        else:
+            raise CheckpointError(f"{path}: no such file or directory")
+
+    def _open_single(self, path: Path) -> None:
+        shard = _Shard(path)
+        self._shards[path] = shard
+        self._entries = {name: (shard, entry) for name, entry in shard.header.entries.items()}
+
+    def _open_index(self, index_path: Path) -> None:
+        self.index_path = index_path
+        try:
+            raw = index_path.read_bytes()
+        except FileNotFoundError:
+            raise CheckpointError(f"{index_path}: no such file") from None
+        except OSError as e:
+            raise CheckpointError(f"{index_path}: cannot read: {e.strerror}") from None
+        where = str(index_path)
+        doc = load_json_object(raw, where, "the index")
+        weight_map = doc.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(
+                f'{where}: expected a "weight_map" object mapping tensor names to shard files, '
+                f"found {type(weight_map).__name__ if 'weight_map' in doc else 'no weight_map'}"
+            )
+        metadata = doc.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f'{where}: "metadata" must be an object, found {type(metadata).__name__}')
+        self.index_metadata = metadata
+
+        keys_of: dict[str, list[str]] = {}
+        for key, filename in weight_map.items():
+            if not isinstance(filename, str) or not filename or os.path.isabs(filename):
+                raise CheckpointError(
+                    f"{where}: tensor {key!r} maps to {filename!r}, expected a file name relative to the index"
+                )
+            keys_of.setdefault(filename, []).append(key)
+        for filename in sorted(keys_of):
+            shard_path = index_path.parent / filename
+            if not shard_path.is_file():
+                keys = keys_of[filename]
+                raise CheckpointError(
+                    f"{where}: shard {filename} is missing ({shard_path} does not exist); "
+                    f"{len(keys)} tensors map to it, e.g. {keys[0]!r}"
+                )
+            self._shards[shard_path] = _Shard(shard_path)
+
+        for key, filename in weight_map.items():
+            shard = self._shards[index_path.parent / filename]
+            entry = shard.header.entries.get(key)
+            if entry is None:
+                raise CheckpointError(
+                    f"{where}: maps tensor {key!r} to {filename}, but that file has no such tensor "
+                    f"(it holds {len(shard.header.entries)} tensors{_close_matches(key, shard.header.entries)})"
+                )
+            self._entries[key] = (shard, entry)
+        for shard in self._shards.values():
+            for key in shard.header.entries:
+                owner = weight_map.get(key)
+                if owner is None:
+                    raise CheckpointError(
+                        f"{shard.path}: holds tensor {key!r}, which the index {index_path.name} does not list"
+                    )
+                if index_path.parent / owner != shard.path:
+                    raise CheckpointError(
+                        f"{shard.path}: holds tensor {key!r}, which the index {index_path.name} maps to {owner}; "
+                        "the key is duplicated across shards"
+                    )
+
+    # ------------------------------------------------------------------------------------- description
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def meta(self, key: str) -> TensorMeta:
+        """Shape and dtype of a tensor, from the header alone."""
+        return self._entry(key)[1].meta
+
+    def metas(self) -> dict[str, TensorMeta]:
+        return {key: entry.meta for key, (_shard, entry) in self._entries.items()}
+
+    def file_of(self, key: str) -> Path:
+        return self._entry(key)[0].path
+
+    @property
+    def files(self) -> list[Path]:
+        """The safetensors files of the checkpoint, sorted by name (one for an unsharded checkpoint)."""
+        return sorted(self._shards, key=lambda p: p.name)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` of the first file (by name), or ``{}``. ``file_metadata`` gives every file's."""
+        return self.file_metadata(self.files[0]) if self._shards else {}
+
+    def file_metadata(self, file: str | os.PathLike) -> dict[str, str]:
+        """The ``__metadata__`` of one file of the checkpoint, given by path or by name, or ``{}``."""
+        for path, shard in self._shards.items():
+            if Path(file) in (path, Path(path.name)):
+                return dict(shard.header.metadata or {})
+        raise CheckpointError(f"{self.path}: {file} is not one of its files: {[p.name for p in self.files]}")
+
+    @property
+    def bytes_read(self) -> int:
+        """Tensor data bytes read so far (headers excluded)."""
+        return self._bytes_read
+
+    # ------------------------------------------------------------------------------------------ reading
+
+    def get(self, key: str) -> torch.Tensor:
+        """The whole tensor, in freshly allocated memory, holding exactly the stored bytes."""
+        return self._read(key, None)
+
+    def get_slice(self, key: str) -> TensorSlice:
+        """A lazy handle: ``get_slice(key)[a:b, ..., c]`` reads only the selected bytes."""
+        self._entry(key)
+        return TensorSlice(self, key)
+
+    def read_into(self, key: str, out: torch.Tensor, index: object = None) -> torch.Tensor:
+        """Fill ``out`` with ``tensor[index]`` (the whole tensor if ``index`` is None), reading straight into it.
+
+        ``out`` must be a CPU tensor with the tensor's dtype and the selection's shape, either contiguous
+        or a row-major view of contiguous memory such as ``fused[:, 64:128]``; when a contiguous stretch
+        of the file lands in several places of ``out``, one ``preadv`` fills them all. Returns ``out``.
+        The write bypasses autograd, like ``copy_`` under ``torch.no_grad()``.
+        """
+        shard, entry = self._entry(key)
+        where = f"{shard.path}: tensor {key!r}"
+        ranges, shape = select(index, entry.meta.shape, where)
+        if not isinstance(out, torch.Tensor):
+            raise CheckpointError(f"{where}: out must be a torch.Tensor, found {type(out).__name__}")
+        if out.device.type != "cpu" or out.layout != torch.strided:
+            raise CheckpointError(
+                f"{where}: out must be a dense CPU tensor, found a {out.layout} tensor on {out.device}; "
+                "read into a CPU tensor and copy it"
+            )
+        found = TensorMeta(tuple(out.shape), out.dtype)
+        expected = TensorMeta(shape, entry.meta.dtype)
+        if found != expected:
+            selection = "the tensor" if index is None else f"the selection {index!r}"
+            raise CheckpointError(
+                f"{where}: out must match {selection}: expected {describe(expected)}, found {describe(found)}"
+            )
+        self._fill(shard, entry, ranges, out, where)
+        return out
+
+    def _read(self, key: str, index: object) -> torch.Tensor:
+        shard, entry = self._entry(key)
+        where = f"{shard.path}: tensor {key!r}"
+        ranges, shape = select(index, entry.meta.shape, where)
+        out = torch.empty(shape, dtype=entry.meta.dtype)
+        self._fill(shard, entry, ranges, out, where)
+        return out
+
+    def _fill(self, shard: _Shard, entry: TensorEntry, ranges: Ranges, out: torch.Tensor, where: str) -> None:
+        meta = entry.meta
+        offsets, run = file_runs(meta.shape, meta.dtype.itemsize, ranges)
+        if not offsets:
+            return
+        block_offsets, block = memory_runs(out, where)
+        memory = memory_of(out)
+        read = 0
+        if block >= run:
+            # Each run of the file lands in one stretch of memory (run divides block: both are products
+            # of trailing dimensions of the same shape).
+            for i, offset in enumerate(offsets):
+                position = i * run
+                at = block_offsets[position // block] + position % block
+                read += shard.file.read_exactly([memory[at : at + run]], entry.start + offset)
+        else:
+            # Each run of the file spans several blocks of memory: scatter it with one preadv.
+            per_run = run // block
+            for i, offset in enumerate(offsets):
+                buffers = [memory[at : at + block] for at in block_offsets[i * per_run : (i + 1) * per_run]]
+                read += shard.file.read_exactly(buffers, entry.start + offset)
+        with self._lock:
+            self._bytes_read += read
+
+    def _entry(self, key: str) -> tuple[_Shard, TensorEntry]:
+        if self._closed:
+            raise CheckpointError(f"{self.path}: reader is closed")
+        try:
+            return self._entries[key]
+        except KeyError:
+            raise CheckpointError(
+                f"{self.path}: no tensor {key!r} among its {len(self._entries)} tensors"
+                f"{_close_matches(key, self._entries)}"
+            ) from None
+        except TypeError:
+            raise CheckpointError(f"{self.path}: tensor names are strings, found {key!r}") from None
+
+    # ------------------------------------------------------------------------------------------ closing
+
+    def close(self) -> None:
+        self._closed = True
+        for shard in self._shards.values():
+            shard.file.close()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        layout = f"{len(self._shards)} files" if self.index_path else "1 file"
+        return f"CheckpointReader({str(self.path)!r}, {len(self)} tensors in {layout})"
+
+
+class TensorSlice:
+    """A tensor in a checkpoint, read only when indexed: ``reader.get_slice(key)[0:128, :]``.
+
+    Supports integers, slices with step 1 and ``...`` on any dimensions; each index reads just the bytes
+    it selects. ``get_shape()`` and ``get_dtype()`` mirror ``safetensors.safe_open(...).get_slice``.
+    """
+
+    def __init__(self, reader: CheckpointReader, key: str):
+        self._reader = reader
+        self.key = key
+        self.meta: TensorMeta = reader.meta(key)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.meta.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.meta.dtype
+
+    def get_shape(self) -> list[int]:
+        return list(self.meta.shape)
+
+    def get_dtype(self) -> str:
+        return TAG_OF_DTYPE[self.meta.dtype]
+
+    def __getitem__(self, index: object) -> torch.Tensor:
+        return self._reader._read(self.key, index)
+
+    def __len__(self) -> int:
+        if not self.meta.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self.meta.shape[0]
+
+    def __repr__(self) -> str:
+        return f"TensorSlice({self.key!r}, {describe(self.meta)})"
+
+
+def _close_matches(key: str, names) -> str:
+    matches = difflib.get_close_matches(key, list(names), n=3)
+    return f"; did you mean {', '.join(map(repr, matches))}?" if matches else ""
