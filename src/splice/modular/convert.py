@@ -1,0 +1,308 @@
+"""Converting one modular file into its generated files.
+
+The modular file's classes are visited in order. A class with a model-specific base (a class imported
+from another model's file) is merged into that base's renamed code; any other class is copied as is.
+What a class then uses and the modular file does not define -- classes, functions, constants -- is
+pulled from the parent file it came from (renamed, recursively, dependencies before their users).
+Each class goes to the file its name's suffix asks for; a use across files becomes an import.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import libcst as cst
+from libcst.metadata import MetadataWrapper, PositionProvider
+
+from splice.modular.emit import format_code, render
+from splice.modular.errors import ModularError
+from splice.modular.imports import needed_imports
+from splice.modular.index import Definition, ModuleIndex, names_used
+from splice.modular.merge import common_suffix, merge_class
+from splice.modular.names import NameBook, NameSwap, config_mapping
+from splice.modular.rename import ParentView
+from splice.modular.resolve import dotted_name, is_source_module, locate_absolute, locate_relative, parse_file
+from splice.modular.split import FILE_TYPE_ORDER, MODULAR_NAME, file_type, output_name, split_all
+
+logger = logging.getLogger("splice.modular")
+
+# Top-level constants the modular file always wins on; `*_DOCSTRING = None` means "keep the parent's".
+_DOCSTRING_CONSTANT = re.compile(r"_DOCSTRING$")
+# Kept at the top of a file whatever uses them first.
+_FIRST = ("logger", "_CHECKPOINT_FOR_DOC", "_CONFIG_FOR_DOC")
+
+
+@dataclass
+class _Output:
+    kind: str
+    definitions: dict[str, Definition] = field(default_factory=dict)
+    pending: set[str] = field(default_factory=set)
+    cross_imports: dict[str, list[str]] = field(default_factory=dict)  # kind -> class names
+
+
+@dataclass
+class _Import:
+    path: Path
+    name: str  # the name in the parent file (before any `as`)
+    line: int
+
+
+class Conversion:
+    """All the state of converting one modular file; use :func:`convert_file`."""
+
+    def __init__(self, path: Path):
+        self.path = path.resolve()
+        match = MODULAR_NAME.match(self.path.name)
+        if match is None:
+            raise ModularError("a modular file must be named modular_<model>.py", path)
+        self.model_name = match["model"]
+        self.module = parse_file(self.path)
+        self.index = ModuleIndex.build(self.module, str(self.path))
+        self.mapping = config_mapping(self.path.parent.parent)
+        self.cased_name = self._cased(self.model_name, self._class_names(self.index))
+        self.imported: dict[str, _Import] = {}
+        self.views: dict[Path, ParentView] = {}
+        self.outputs: dict[str, _Output] = {}
+        self._lines: dict[cst.CSTNode, int] | None = None
+
+    # -- names -------------------------------------------------------------------------------------
+    @staticmethod
+    def _class_names(index: ModuleIndex) -> set[str]:
+        return {name for name, d in index.definitions.items() if d.kind == "class"}
+
+    def _cased(self, snake: str, hints: set[str]) -> str:
+        return NameBook(self.mapping, hints).cased(snake)
+
+    def _snake(self, cased: str) -> str:
+        return NameBook(self.mapping).snake(cased)
+
+    def line_of(self, node: cst.CSTNode) -> int | None:
+        if self._lines is None:
+            wrapper = MetadataWrapper(self.module, unsafe_skip_copy=True)
+            self._lines = {n: p.start.line for n, p in wrapper.resolve(PositionProvider).items()}
+        return self._lines.get(node)
+
+    def error(self, message: str, node: cst.CSTNode | None = None) -> ModularError:
+        return ModularError(message, self.path, self.line_of(node) if node is not None else None)
+
+    # -- parents -----------------------------------------------------------------------------------
+    def find_parents(self) -> None:
+        for statement in self.index.imports:
+            if not isinstance(statement, cst.SimpleStatementLine):
+                continue
+            for small in statement.body:
+                if not isinstance(small, cst.ImportFrom) or small.module is None:
+                    continue
+                level, dotted = len(small.relative), dotted_name(small.module)
+                if level == 1 or not is_source_module(dotted, level):
+                    continue
+                shown = "." * level + dotted
+                found = locate_absolute(dotted) if level == 0 else locate_relative(self.path, level, dotted)
+                if found is None:
+                    raise self.error(f"cannot find the source of `{shown}`: it is neither an installed "
+                                     "package nor a file of this package tree", small)
+                if isinstance(small.names, cst.ImportStar):
+                    raise self.error(f"`from {shown} import *` is not supported: name the classes you inherit from", small)
+                for alias in small.names:
+                    original = dotted_name(alias.name)
+                    bound = alias.asname.name.value if alias.asname is not None else original
+                    self.imported[bound] = _Import(found.resolve(), original, 0)
+
+    def _specific_base(self, node: cst.ClassDef) -> str | None:
+        specific = [dotted_name(b.value) for b in node.bases if dotted_name(b.value) in self.imported]
+        if len(specific) > 1:
+            raise self.error(
+                f"class {node.name.value} inherits from more than one model-specific class "
+                f"({', '.join(specific)}); flattening can follow only one", node)
+        return specific[0] if specific else None
+
+    def build_views(self) -> None:
+        votes: dict[Path, Counter[str]] = {}
+        for definition in self.index.definitions.values():
+            if definition.kind != "class":
+                continue
+            base = self._specific_base(definition.node)
+            if base is None:
+                continue
+            source = self.imported[base]
+            suffix = common_suffix(definition.name, source.name)
+            prefix = definition.name.removesuffix(suffix) if suffix and suffix[0].isupper() else self.cased_name
+            votes.setdefault(source.path, Counter())[prefix] += 1
+        for source in self.imported.values():
+            if source.path not in self.views:
+                self.views[source.path] = self._view(source.path, votes.get(source.path, Counter()))
+
+    def _view(self, path: Path, prefixes: Counter[str]) -> ParentView:
+        index = ModuleIndex.build(parse_file(path), str(path))
+        old_snake = path.parent.name
+        old_cased = self._cased(old_snake, self._class_names(index))
+        chosen = self._choose_prefix(path, prefixes, old_cased, index)
+        new_snake = self._snake(chosen) if chosen != self.cased_name else self.model_name
+        swap = NameSwap(old_snake, new_snake, old_cased, chosen)
+        return ParentView(index, swap, self.model_name)
+
+    def _choose_prefix(self, path: Path, prefixes: Counter[str], old_cased: str, index: ModuleIndex) -> str:
+        if not prefixes:
+            return self.cased_name
+        ranked = prefixes.most_common()
+        top = [name for name, count in ranked if count == ranked[0][1]]
+        chosen = self.cased_name if self.cased_name in top else top[-1]
+        if len(prefixes) > 1:
+            logger.warning(
+                "%s: classes inheriting from %s use several prefixes (%s); using %r for the code pulled "
+                "from it. Subclass the intermediate classes too if they need another prefix.",
+                self.path, path.name, ", ".join(sorted(prefixes)), chosen)
+        old_prefix = chosen.replace(self.cased_name, old_cased)
+        if chosen != self.cased_name and old_prefix in self._class_names(index):
+            logger.warning(
+                "%s: prefix %r would collide with class %s of %s; falling back to %r.",
+                self.path, chosen, old_prefix, path.name, self.cased_name)
+            chosen = self.cased_name
+        return chosen
+
+    def _doc_swap(self, old_cased: str, new_cased: str) -> NameSwap | None:
+        old_snake, new_snake = self._snake(old_cased), self._snake(new_cased)
+        if not old_snake:
+            return None
+        return NameSwap(old_snake, new_snake, self._cased(old_snake, set()), self._cased(new_snake, set()))
+
+    # -- lookups -----------------------------------------------------------------------------------
+    def _modular_definition(self, name: str) -> tuple[Definition, ParentView | None] | None:
+        definition = self.index.definitions.get(name)
+        if definition is None or name == "__all__":
+            return None
+        if definition.kind == "assignment" and _DOCSTRING_CONSTANT.search(name):
+            value = getattr(definition.node.body[0], "value", None)
+            if isinstance(value, cst.Name) and value.value == "None":
+                for view in self.views.values():
+                    if name in view:
+                        return view.definition(name), view
+        return definition, None
+
+    def lookup(self, name: str, context: ParentView | None) -> tuple[Definition, ParentView | None] | None:
+        found = self._modular_definition(name)
+        if found is not None:
+            return found
+        if name in self.imported:
+            source = self.imported[name]
+            view = self.views[source.path]
+            renamed = view.swap(source.name) if source.name not in view.keep else source.name
+            if renamed == name and name in view:
+                return view.definition(name), view
+            if source.name in view and view.definition(source.name).kind != "class":
+                return view.definition(source.name), view
+            return None
+        if context is not None and name in context:
+            return context.definition(name), context
+        return None
+
+    def _uses(self, definition: Definition, context: ParentView | None) -> set[str]:
+        if context is not None and definition.name in context and definition.node is context.definition(definition.name).node:
+            return context.uses(definition.name)
+        if context is None and self.index.definitions.get(definition.name) is definition:
+            return self.index.uses(definition.name)
+        return names_used(definition.node) - {definition.name}
+
+    def _order(self, name: str, context: ParentView | None) -> tuple:
+        found = self.lookup(name, context)
+        if found is None:
+            return (2, 0, name)
+        definition, view = found
+        return (0 if view is not None else 1, definition.position, name)
+
+    def require(self, out: _Output, name: str, context: ParentView | None) -> None:
+        if name in out.definitions or name in out.pending:
+            return
+        found = self.lookup(name, context)
+        if found is None:
+            return
+        definition, view = found
+        if definition.kind == "class":
+            kind = file_type(name, self.cased_name)
+            if kind != out.kind:
+                out.cross_imports.setdefault(kind, [])
+                if name not in out.cross_imports[kind]:
+                    out.cross_imports[kind].append(name)
+                return
+            if view is None:
+                return  # a modular class: emitted in its own turn
+        self.add(out, definition, view)
+
+    def add(self, out: _Output, definition: Definition, context: ParentView | None) -> None:
+        out.pending.add(definition.name)
+        for dependency in sorted(self._uses(definition, context), key=lambda n: self._order(n, context)):
+            self.require(out, dependency, context)
+        out.definitions[definition.name] = definition
+
+    # -- the run -----------------------------------------------------------------------------------
+    def run(self) -> dict[str, str]:
+        self.find_parents()
+        self.build_views()
+        all_per_file: dict[str, cst.SimpleStatementLine] = {}
+        for definition in self.index.definitions.values():
+            if definition.name == "__all__":
+                all_per_file = split_all(definition.node, self.cased_name)
+            elif definition.kind == "class":
+                self._convert_class(definition)
+        return self._render(all_per_file)
+
+    def _convert_class(self, definition: Definition) -> None:
+        node: cst.ClassDef = definition.node
+        kind = file_type(definition.name, self.cased_name)
+        out = self.outputs.setdefault(kind, _Output(kind))
+        base = self._specific_base(node)
+        context = None
+        if base is not None:
+            source = self.imported[base]
+            context = self.views[source.path]
+            parent_name = context.swap(source.name)
+            if parent_name not in context or context.definition(parent_name).kind != "class":
+                raise self.error(f"{base} is not a class of {source.path.name}", node)
+            node = merge_class(node, context.definition(parent_name).node, base, self._doc_swap)
+        self.add(out, Definition(definition.name, "class", node, definition.position, str(self.path)), context)
+
+    def _render(self, all_per_file: dict[str, cst.SimpleStatementLine]) -> dict[str, str]:
+        license_header = cst.Module(body=[], header=self.module.header).code
+        pool = list(self.index.imports)
+        for view in self.views.values():
+            pool.extend(view.imports)
+        results: dict[str, str] = {}
+        for kind in sorted(self.outputs, key=lambda k: (FILE_TYPE_ORDER.index(k) if k in FILE_TYPE_ORDER else 99, k)):
+            out = self.outputs[kind]
+            definitions = sorted(out.definitions.values(), key=lambda d: 0 if d.name in _FIRST else 1)
+            body = [_spaced(d.node) for d in definitions]
+            if kind in all_per_file:
+                body.append(all_per_file[kind])
+            extra = [
+                cst.parse_statement(f"from .{output_name(other, self.model_name)[:-3]} import {', '.join(names)}")
+                for other, names in out.cross_imports.items()
+            ]
+            imports = needed_imports(pool + extra, body, set(out.definitions))
+            target = self.path.with_name(output_name(kind, self.model_name))
+            results[target.name] = format_code(render(self.path, license_header, imports, body), target)
+        return results
+
+
+def _spaced(node: cst.CSTNode) -> cst.CSTNode:
+    """Two blank lines before every top-level definition, whatever it had in its source."""
+    if isinstance(node, (cst.ClassDef, cst.FunctionDef)):
+        lines = [line for line in node.leading_lines if line.comment is not None]
+        return node.with_changes(leading_lines=[cst.EmptyLine(), cst.EmptyLine(), *lines])
+    if isinstance(node, cst.SimpleStatementLine):
+        lines = [line for line in node.leading_lines if line.comment is not None]
+        return node.with_changes(leading_lines=[cst.EmptyLine(), *lines])
+    return node
+
+
+def convert_file(path: str | Path) -> dict[str, str]:
+    """``{"modeling_x.py": source, ...}`` for the modular file at ``path`` (nothing is written)."""
+    try:
+        return Conversion(Path(path)).run()
+    except ModularError:
+        raise
+    except RecursionError:
+        raise ModularError("the inheritance or dependency graph is too deep to flatten", path) from None

@@ -1,0 +1,89 @@
+"""Choosing the imports of a generated file: only what its code uses, each name once.
+
+The pool holds every import the modular file and its parents wrote, in that order. Scope analysis
+(libcst's ``ScopeProvider``) over the pool plus the generated body tells which bound names are read;
+a name the body defines itself is never imported. Imports under ``if``/``try`` guards stay guarded.
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+from libcst.metadata import MetadataWrapper, ScopeProvider
+
+from splice.modular.index import is_import_line
+
+
+def bound_name(alias: cst.ImportAlias) -> str:
+    if alias.asname is not None and isinstance(alias.asname.name, cst.Name):
+        return alias.asname.name.value
+    return cst.Module([]).code_for_node(alias.name)
+
+
+def _used_import_names(pool: list[cst.CSTNode], body: list[cst.CSTNode]) -> set[str]:
+    wrapper = MetadataWrapper(cst.Module(body=[*pool, *body]), unsafe_skip_copy=True)
+    used: set[str] = set()
+    for scope in set(wrapper.resolve(ScopeProvider).values()):
+        if scope is None:
+            continue
+        for assignment in scope.assignments:
+            node = getattr(assignment, "node", None)
+            if isinstance(node, (cst.Import, cst.ImportFrom)) and assignment.references:
+                used.add(assignment.name)
+    return used
+
+
+class _Picker:
+    def __init__(self, used: set[str], defined: set[str]):
+        self.used = used
+        self.defined = defined
+        self.taken: set[str] = set()
+
+    def line(self, statement: cst.SimpleStatementLine) -> cst.SimpleStatementLine | None:
+        smalls = []
+        for small in statement.body:
+            if isinstance(small, cst.ImportFrom) and isinstance(small.names, cst.ImportStar):
+                continue  # a star import cannot be checked for use; generated files never need one
+            keep = []
+            for alias in small.names:
+                name = bound_name(alias)
+                if name in self.used and name not in self.defined and name not in self.taken:
+                    self.taken.add(name)
+                    keep.append(alias.with_changes(comma=cst.MaybeSentinel.DEFAULT))
+            if keep:
+                smalls.append(small.with_changes(names=keep))
+        return statement.with_changes(body=smalls) if smalls else None
+
+    def guarded(self, block: cst.If | cst.Try) -> cst.CSTNode | None:
+        body, kept_any = [], False
+        for inner in block.body.body:
+            if is_import_line(inner):
+                picked = self.line(inner)
+                if picked is not None:
+                    body.append(picked)
+                    kept_any = True
+            else:
+                body.append(inner)
+        if not kept_any:
+            return None
+        return block.with_changes(body=block.body.with_changes(body=body))
+
+
+def needed_imports(pool: list[cst.CSTNode], body: list[cst.CSTNode], defined: set[str]) -> list[cst.CSTNode]:
+    """The imports of ``pool`` that ``body`` needs: plain ones first, then guarded blocks."""
+    used = _used_import_names(pool, body)
+    picker = _Picker(used, defined)
+    plain, guarded, seen_blocks = [], [], set()
+    for statement in pool:
+        if isinstance(statement, cst.SimpleStatementLine):
+            picked = picker.line(statement)
+            if picked is not None:
+                plain.append(picked)
+    for statement in pool:
+        if isinstance(statement, (cst.If, cst.Try)):
+            picked = picker.guarded(statement)
+            if picked is not None:
+                text = cst.Module([]).code_for_node(picked).strip()
+                if text not in seen_blocks:
+                    seen_blocks.add(text)
+                    guarded.append(picked)
+    return [*plain, *guarded]

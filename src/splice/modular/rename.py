@@ -1,0 +1,144 @@
+"""Renaming a parent file's code for the model being written, one definition at a time.
+
+Identifiers, strings and comments are all renamed (``LlamaMLP`` -> ``Olmo2MLP``, ``"llama"`` ->
+``"olmo2"``), except what comes from absolute or cross-package imports: those names refer to code that
+is not being copied and must keep pointing at it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import libcst as cst
+from libcst import matchers as m
+
+from splice.modular.index import Definition, ModuleIndex, names_used
+from splice.modular.names import NameSwap
+from splice.modular.resolve import FILE_TYPES
+
+_COPIED_FROM = re.compile(r"#\s*Copied from")
+_SIBLING_FILE = re.compile(rf"^({'|'.join(FILE_TYPES)})_(\w+)$")
+
+
+class Renamer(cst.CSTTransformer):
+    """Applies a :class:`NameSwap` to names, strings and comments (or only strings and comments)."""
+
+    def __init__(self, swap: NameSwap, *, only_text: bool = False, keep: frozenset[str] = frozenset()):
+        super().__init__()
+        self.swap = swap
+        self.only_text = only_text
+        self.keep = keep  # names bound by imports that are not renamed
+
+    def leave_Name(self, original_node: cst.Name, updated_node: cst.Name) -> cst.Name:
+        if self.only_text or updated_node.value in self.keep:
+            return updated_node
+        return updated_node.with_changes(value=self.swap(updated_node.value))
+
+    def leave_SimpleString(self, original_node: cst.SimpleString, updated_node: cst.SimpleString) -> cst.SimpleString:
+        return updated_node.with_changes(value=self.swap(updated_node.value))
+
+    def leave_Comment(self, original_node: cst.Comment, updated_node: cst.Comment):
+        # "Copied from" markers point at the old model; in a generated file they would be false.
+        if _COPIED_FROM.search(updated_node.value):
+            return cst.RemoveFromParent()
+        return updated_node.with_changes(value=self.swap(updated_node.value))
+
+    def visit_Import(self, node: cst.Import) -> bool:
+        return False
+
+    def visit_ImportFrom(self, node: cst.ImportFrom) -> bool:
+        return False
+
+
+def rename_node(node: cst.CSTNode, swap: NameSwap, *, only_text: bool = False, keep=frozenset()) -> cst.CSTNode:
+    if swap.is_identity:
+        return node
+    return node.visit(Renamer(swap, only_text=only_text, keep=keep))
+
+
+def rename_sibling_import(statement: cst.CSTNode, swap: NameSwap, model_name: str, keep) -> cst.CSTNode:
+    """``from .configuration_llama import LlamaConfig`` -> ``from .configuration_olmo2 import Olmo2Config``.
+
+    Only imports of the parent's own sibling files (one leading dot) are renamed: they become imports of
+    the files being generated. The file part always uses the model's real name, even when the classes
+    use a longer prefix (``Emu3Text...`` still lives in ``modeling_emu3``).
+    """
+
+    def fix(node: cst.ImportFrom) -> cst.ImportFrom:
+        if len(node.relative) != 1 or not isinstance(node.module, cst.Name) or isinstance(node.names, cst.ImportStar):
+            return node
+        match = _SIBLING_FILE.match(node.module.value)
+        if match is None:
+            return node
+        names = [
+            alias.with_changes(name=rename_node(alias.name, swap, keep=keep), asname=alias.asname)
+            for alias in node.names
+        ]
+        return node.with_changes(module=cst.Name(f"{match.group(1)}_{model_name}"), names=names)
+
+    if isinstance(statement, cst.SimpleStatementLine):
+        return statement.with_changes(
+            body=[fix(small) if isinstance(small, cst.ImportFrom) else small for small in statement.body]
+        )
+    if isinstance(statement, (cst.If, cst.Try)):
+        body = [rename_sibling_import(inner, swap, model_name, keep) for inner in statement.body.body]
+        return statement.with_changes(body=statement.body.with_changes(body=body))
+    return statement
+
+
+def _bound_names(statement: cst.CSTNode) -> set[str]:
+    names: set[str] = set()
+    for small in m.findall(statement, m.Import() | m.ImportFrom()):
+        if isinstance(small, cst.ImportFrom) and isinstance(small.names, cst.ImportStar):
+            continue
+        for alias in small.names:
+            if alias.asname is not None and isinstance(alias.asname.name, cst.Name):
+                names.add(alias.asname.name.value)
+            else:
+                names.add(cst.Module([]).code_for_node(alias.name).split(".")[0])
+    return names
+
+
+def _is_sibling_import(statement: cst.CSTNode) -> bool:
+    smalls = m.findall(statement, m.ImportFrom())
+    return bool(smalls) and all(
+        len(s.relative) == 1 and isinstance(s.module, cst.Name) and _SIBLING_FILE.match(s.module.value) for s in smalls
+    )
+
+
+class ParentView:
+    """A parent file seen through a rename: definitions are looked up by their new names."""
+
+    def __init__(self, index: ModuleIndex, swap: NameSwap, model_name: str):
+        self.index = index
+        self.swap = swap
+        self.origin = index.origin
+        kept: set[str] = set()
+        for statement in index.imports:
+            if not _is_sibling_import(statement):
+                kept |= _bound_names(statement)
+        self.keep = frozenset(kept)
+        self.by_new_name = {self._new(name): name for name in index.definitions}
+        self.imports = [rename_sibling_import(s, swap, model_name, self.keep) for s in index.imports]
+        self._renamed: dict[str, cst.CSTNode] = {}
+        self._uses: dict[str, set[str]] = {}
+
+    def _new(self, name: str) -> str:
+        return name if name in self.keep else self.swap(name)
+
+    def __contains__(self, new_name: str) -> bool:
+        return new_name in self.by_new_name
+
+    def definition(self, new_name: str) -> Definition:
+        old = self.index.definitions[self.by_new_name[new_name]]
+        if new_name not in self._renamed:
+            self._renamed[new_name] = rename_node(old.node, self.swap, keep=self.keep)
+        return Definition(new_name, old.kind, self._renamed[new_name], old.position, self.origin)
+
+    def uses(self, new_name: str) -> set[str]:
+        if new_name not in self._uses:
+            self._uses[new_name] = names_used(self.definition(new_name).node) - {new_name}
+        return self._uses[new_name]
+
+    def source_text(self) -> str:
+        return self.index.module.code
