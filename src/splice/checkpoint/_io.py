@@ -49,7 +49,12 @@ class RandomAccessFile:
             window = buffers[first : first + IOV_MAX]
             if consumed:
                 window[0] = window[0][consumed:]
-            n = self._readv(window, offset)
+            try:
+                n = self._readv(window, offset)
+            except OSError as e:
+                raise CheckpointError(
+                    f"{self.path}: reading at byte {offset} failed: {e.strerror or e}"
+                ) from e
             if n == 0:
                 raise CheckpointError(
                     f"{self.path}: unexpected end of file at byte {offset} (was the file changed after it was opened?)"
@@ -65,7 +70,12 @@ class RandomAccessFile:
 
     def write_all(self, data: memoryview, offset: int) -> None:
         while data:
-            n = self._write(data, offset)
+            try:
+                n = self._write(data, offset)
+            except OSError as e:
+                raise CheckpointError(
+                    f"{self.path}: writing at byte {offset} failed: {e.strerror or e}"
+                ) from e
             data = data[n:]
             offset += n
 

@@ -76,31 +76,33 @@ def _sibling(out_dir: Path, marker: str) -> Path:
 
 def make_staging_dir(out_dir: Path) -> Path:
     """An empty directory beside ``out_dir`` (same file system), with ``out_dir``'s permissions if it exists."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        staging = _sibling(out_dir, STAGING_MARKER)
-        try:
-            staging.mkdir()  # 0o777 minus the umask, as a plain mkdir of out_dir would get
-            break
-        except FileExistsError:  # pragma: no cover - 32 random bits collided
-            continue
-    if out_dir.is_dir():
-        os.chmod(staging, out_dir.stat().st_mode & 0o7777)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            staging = _sibling(out_dir, STAGING_MARKER)
+            try:
+                staging.mkdir()  # 0o777 minus the umask, as a plain mkdir of out_dir would get
+                break
+            except FileExistsError:  # pragma: no cover - 32 random bits collided
+                continue
+        if out_dir.is_dir():
+            os.chmod(staging, out_dir.stat().st_mode & 0o7777)
+    except OSError as e:
+        raise CheckpointError(f"{out_dir}: cannot create a staging directory beside it: {e}") from e
     return staging
 
 
 def replace_dir(staging: Path, out_dir: Path) -> None:
     """Make ``staging`` be ``out_dir``, replacing any directory there in one step where the system allows."""
+    old = None
     try:
         if not out_dir.exists():
             if not renameat2(staging, out_dir, _RENAME_NOREPLACE):
                 os.rename(staging, out_dir)
-            fsync_dir(out_dir.parent)
-            return
-        if not out_dir.is_dir():
+        elif not out_dir.is_dir():
             raise CheckpointError(f"{out_dir}: exists and is not a directory; refusing to replace it")
-        if renameat2(staging, out_dir, _RENAME_EXCHANGE):
-            old = staging
+        elif renameat2(staging, out_dir, _RENAME_EXCHANGE):
+            old = staging  # the old checkpoint now lives at the staging path
         else:
             old = _sibling(out_dir, ASIDE_MARKER)
             os.rename(out_dir, old)
@@ -109,12 +111,19 @@ def replace_dir(staging: Path, out_dir: Path) -> None:
             except BaseException:
                 os.rename(old, out_dir)
                 raise
-        fsync_dir(out_dir.parent)
     except OSError as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{out_dir}: could not move the new checkpoint into place: {e}") from e
-    remove_tree(old)
+    try:
+        fsync_dir(out_dir.parent)
+    except OSError as e:
+        raise CheckpointError(
+            f"{out_dir}: the new checkpoint is in place, but syncing its parent failed: {e}"
+        ) from e
+    finally:
+        if old is not None:
+            remove_tree(old)
 
 
 def remove_tree(path: Path) -> None:

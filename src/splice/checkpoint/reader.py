@@ -139,7 +139,9 @@ class CheckpointReader:
                 f'{where}: expected a "weight_map" object mapping tensor names to shard files, '
                 f"found {type(weight_map).__name__ if 'weight_map' in doc else 'no weight_map'}"
             )
-        metadata = doc.get("metadata") or {}
+        metadata = doc.get("metadata")
+        if metadata is None:
+            metadata = {}
         if not isinstance(metadata, dict):
             raise CheckpointError(f'{where}: "metadata" must be an object, found {type(metadata).__name__}')
         self.index_metadata = metadata

@@ -100,10 +100,8 @@ def shard_filenames(weights_name: str, count: int) -> list[str]:
     """``model.safetensors`` for one shard, else ``model-00001-of-00003.safetensors``, ... (transformers' names)."""
     if count <= 1:
         return [weights_name]
-    stem, dot, suffix = weights_name.rpartition(".")
-    if not dot:
-        stem, suffix = weights_name, ""
-    return [f"{stem}-{i:05d}-of-{count:05d}{dot}{suffix}" for i in range(1, count + 1)]
+    stem = weights_name.removesuffix(".safetensors")
+    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
 def index_json(weight_map: Mapping[str, str], metadata: Mapping[str, Any]) -> str:
@@ -157,6 +155,10 @@ class CheckpointWriter:
             tag_of(meta.dtype, f"{where}: tensor {key!r}")
             self._metas[key] = meta
         metadata = check_metadata(metadata, where)
+        if not weights_name.endswith(".safetensors") or weights_name != os.path.basename(weights_name):
+            raise CheckpointError(
+                f"{where}: weights_name must be a file name ending in .safetensors, found {weights_name!r}"
+            )
 
         plan = plan_shards(self._metas, max_shard_size) or [[]]
         names = shard_filenames(weights_name, len(plan))
@@ -184,8 +186,12 @@ class CheckpointWriter:
                 file = self._files[name] = RandomAccessFile(self._staging / name, "xb")
                 file.write_all(memoryview(layout.prefix), 0)
                 os.ftruncate(file.fileno(), layout.size)
-        except BaseException:
+        except BaseException as e:
             self.abort()
+            if isinstance(e, OSError) and not isinstance(e, CheckpointError):
+                raise CheckpointError(
+                    f"{where}: cannot create the checkpoint files in {self._staging}: {e}"
+                ) from e
             raise
 
     @property
@@ -275,9 +281,11 @@ class CheckpointWriter:
                     os.fsync(f.fileno())
             atomic.fsync_dir(self._staging)
             atomic.replace_dir(self._staging, self.out_dir)
-        except BaseException:
+        except BaseException as e:
             self._state = "open"
             self.abort()
+            if isinstance(e, OSError) and not isinstance(e, CheckpointError):
+                raise CheckpointError(f"{self.out_dir}: commit failed, nothing was changed: {e}") from e
             raise
         self._state = "committed"
         self._finalizer.detach()
