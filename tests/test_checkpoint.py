@@ -557,11 +557,12 @@ def test_corrupt_files_are_refused_with_the_file_and_what_was_expected(
     assert str(info.value).startswith(f"{path}: ")
 
 
-def test_file_shorter_than_the_length_prefix(tmp_path):
+@pytest.mark.parametrize("content", [b"", b"\x01\x02"])
+def test_file_shorter_than_the_length_prefix(tmp_path, content):
     path = tmp_path / "tiny.safetensors"
-    path.write_bytes(b"\x01\x02")
+    path.write_bytes(content)
     with pytest.raises(
-        CheckpointError, match=f"{path}: file is 2 bytes, too short for the 8-byte header length"
+        CheckpointError, match=f"{path}: file is {len(content)} bytes, too short for the 8-byte header length"
     ):
         CheckpointReader(path)
 
@@ -720,6 +721,8 @@ def test_writer_refuses_wrong_shape_dtype_and_unknown_keys(writer, tmp_path):
         writer.write("model.layers.0.self_attn.v_proj.weight", torch.zeros(2, 3, dtype=torch.bfloat16))
     with pytest.raises(CheckpointError, match="must be a torch.Tensor, found list"):
         writer.write(q, [[0.0] * 3] * 4)
+    with pytest.raises(CheckpointError, match="is on the meta device and has no data"):
+        writer.write(q, torch.empty(4, 3, dtype=torch.bfloat16, device="meta"))
     writer.write(q, torch.zeros(4, 3, dtype=torch.bfloat16))
     with pytest.raises(CheckpointError, match=f"tensor '{q}' is written twice"):
         writer.write(q, torch.zeros(4, 3, dtype=torch.bfloat16))
@@ -758,6 +761,7 @@ def test_unfinished_with_block_raises_and_leaves_nothing(tmp_path):
         ({"a": TensorMeta((2,), torch.complex128)}, {}, "tensor 'a': dtype torch.complex128 cannot be stored in safetensors; supported: float64"),
         ({"__metadata__": TensorMeta((2,), torch.float32)}, {}, "tensor name '__metadata__' is reserved"),
         ({"a": (2,)}, {}, "metas must map tensor names to TensorMeta"),
+        ({"a": TensorMeta((2, -1), torch.float32)}, {}, "tensor 'a' has shape \\(2, -1\\), expected non-negative"),
         ({}, {"metadata": {"format": 1}}, "metadata must map strings to strings"),
         ({}, {"max_shard_size": "5 parsecs"}, "is not a number followed by one of"),
     ],
@@ -922,6 +926,15 @@ def test_failed_swap_restores_the_old_checkpoint(tmp_path, monkeypatch):
     assert leftovers(tmp_path) == []
 
 
+def test_crash_between_the_two_fallback_renames_is_reported_by_the_reader(tmp_path):
+    save_state_dict({"old": torch.zeros(3)}, tmp_path / "out")
+    os.rename(tmp_path / "out", tmp_path / ".out.splice-old-0123abcd")  # where the crash would leave it
+    with pytest.raises(
+        CheckpointError, match="interrupted save left the previous checkpoint at .*splice-old-0123abcd"
+    ):
+        CheckpointReader(tmp_path / "out")
+
+
 def test_io_failures_become_checkpoint_errors(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(CheckpointError, match="cannot create a staging directory beside it"):
@@ -931,3 +944,9 @@ def test_io_failures_become_checkpoint_errors(tmp_path):
     ):
         save_state_dict({"a": torch.zeros(1)}, tmp_path / "out", weights_name="sub/x.bin")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_declared_shapes_may_be_lists(tmp_path):
+    with CheckpointWriter(tmp_path / "out", {"a": TensorMeta([2, 3], torch.float32)}) as writer:
+        writer.write("a", torch.ones(2, 3))
+    assert CheckpointReader(tmp_path / "out").meta("a") == TensorMeta((2, 3), torch.float32)

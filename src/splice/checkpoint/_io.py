@@ -43,6 +43,7 @@ class RandomAccessFile:
         One ``preadv`` scatters up to IOV_MAX buffers, so a contiguous file range that lands in many places of
         memory costs one system call per IOV_MAX pieces.
         """
+        buffers = [buffer for buffer in buffers if len(buffer)]
         total = 0
         first, consumed = 0, 0  # the first unfilled buffer, and how much of it is filled
         while first < len(buffers):

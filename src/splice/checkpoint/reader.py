@@ -7,6 +7,7 @@ positional reads straight into the destination tensor, so nothing is mapped or b
 from __future__ import annotations
 
 import difflib
+import glob
 import os
 import threading
 from pathlib import Path
@@ -17,6 +18,7 @@ from splice.errors import CheckpointError
 from splice.transforms import TensorMeta
 
 from ._io import RandomAccessFile, memory_of
+from .atomic import ASIDE_MARKER
 from .format import (
     TAG_OF_DTYPE,
     Header,
@@ -116,7 +118,9 @@ class CheckpointReader:
         elif path.exists():
             self._open_single(path)
         else:
-            raise CheckpointError(f"{path}: no such file or directory")
+            aside = sorted(path.parent.glob(f".{glob.escape(path.name)}{ASIDE_MARKER}*")) if path.name else []
+            hint = f"; an interrupted save left the previous checkpoint at {aside[-1]}" if aside else ""
+            raise CheckpointError(f"{path}: no such file or directory{hint}")
 
     def _open_single(self, path: Path) -> None:
         shard = _Shard(path)

@@ -153,7 +153,12 @@ class CheckpointWriter:
                     f"{where}: metas must map tensor names to TensorMeta, found {key!r}: {meta!r}"
                 )
             tag_of(meta.dtype, f"{where}: tensor {key!r}")
-            self._metas[key] = meta
+            shape = tuple(meta.shape)
+            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise CheckpointError(
+                    f"{where}: tensor {key!r} has shape {shape}, expected non-negative integers"
+                )
+            self._metas[key] = TensorMeta(shape, meta.dtype)
         metadata = check_metadata(metadata, where)
         if not weights_name.endswith(".safetensors") or weights_name != os.path.basename(weights_name):
             raise CheckpointError(
@@ -230,6 +235,10 @@ class CheckpointWriter:
             if not isinstance(tensor, torch.Tensor):
                 raise CheckpointError(
                     f"{where}: tensor {key!r} must be a torch.Tensor, found {type(tensor).__name__}"
+                )
+            if tensor.device.type == "meta":
+                raise CheckpointError(
+                    f"{where}: tensor {key!r} is on the meta device and has no data to write"
                 )
             found = TensorMeta(tuple(tensor.shape), tensor.dtype)
             if found != meta:
