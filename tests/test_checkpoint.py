@@ -884,16 +884,16 @@ def test_sigkill_mid_save_leaves_the_old_checkpoint_intact(tmp_path):
     old = {"old.w": random_tensor((33, 5), torch.float16, 3)}
     save_state_dict(old, tmp_path / "out")
     before = tree_bytes(tmp_path / "out")
-    child = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(KILLED_SAVE), str(tmp_path / "out")],
         stdout=subprocess.PIPE,
         text=True,
-    )
-    try:
-        assert child.stdout.readline().strip() == "ready"
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+    ) as child:
+        try:
+            assert child.stdout.readline().strip() == "ready"
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
     assert child.returncode == -signal.SIGKILL
     assert tree_bytes(tmp_path / "out") == before
     stale = leftovers(tmp_path)
@@ -949,4 +949,15 @@ def test_io_failures_become_checkpoint_errors(tmp_path):
 def test_declared_shapes_may_be_lists(tmp_path):
     with CheckpointWriter(tmp_path / "out", {"a": TensorMeta([2, 3], torch.float32)}) as writer:
         writer.write("a", torch.ones(2, 3))
-    assert CheckpointReader(tmp_path / "out").meta("a") == TensorMeta((2, 3), torch.float32)
+    with CheckpointReader(tmp_path / "out") as reader:
+        assert reader.meta("a") == TensorMeta((2, 3), torch.float32)
+
+
+def test_integer_like_indices(tmp_path):
+    import numpy as np
+
+    weight = random_tensor((4, 5, 6), torch.float32, 0)
+    safetensors.torch.save_file({"w": weight}, tmp_path / "w.safetensors")
+    with CheckpointReader(tmp_path / "w.safetensors") as reader:
+        assert_same(reader.get_slice("w")[np.int64(1), torch.tensor(-2), 1:3], weight[1, -2, 1:3])
+        assert_same(reader.get_slice("w")[..., np.int32(5)], weight[..., 5])
