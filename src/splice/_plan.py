@@ -228,7 +228,8 @@ def _simplify(
     for instr in program:
         if not instr.ops:
             for i, o in zip(instr.inputs, instr.outputs):
-                alias[o] = real(i)
+                if real(i) != o:  # a key passed through every stage unchanged aliases nothing
+                    alias[o] = real(i)
             continue
         kept.append(Instr(tuple(real(i) for i in instr.inputs), instr.ops, instr.outputs))
 

@@ -1,0 +1,215 @@
+"""Sibling Linears that read the same input become one Linear: the mechanism behind `qkv` and `gate_up`.
+
+The fused weight lives in a real ``nn.Linear`` registered on the parent (``qkv_proj``), so kernels,
+tensor-parallel plans and PEFT see an ordinary Linear. Each original slot (``q_proj``, ``k_proj``,
+``v_proj``) holds a :class:`LinearSlice`: a parameterless stand-in that returns its columns of the
+fused output. The first slice called with an input runs the one fused GEMM; its siblings called with
+the *same tensor* read the cached output; once every sibling has read it the cache is dropped.
+
+This is why no model's attention or MLP forward has to be copied: ``self.q_proj(x)``,
+``self.k_proj(x)`` and ``self.v_proj(x)`` still work, and together cost one GEMM. A slice called with
+a different input (cross-attention, where k/v read the encoder states) just runs the GEMM again:
+always correct, merely not faster.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from splice.fusion.spec import FusionOptions, ModuleFusionSpec
+from splice.transforms import Concat
+from splice.weightmap import Rule
+
+
+class SharedGEMM:
+    """The fused output shared by one group of :class:`LinearSlice` modules (one per thread)."""
+
+    def __init__(self, parent: nn.Module, fused_name: str, sizes: tuple[int, ...]):
+        self.parent = (
+            parent  # looked up by name at call time, so a wrapper put on the fused Linear is honoured
+        )
+        self.fused_name = fused_name
+        self.sizes = tuple(sizes)
+        starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.bounds = tuple((s, s + n) for s, n in zip(starts, self.sizes))
+        self._full = (1 << len(self.sizes)) - 1
+        self._local = threading.local()
+
+    @property
+    def fused(self) -> nn.Module:
+        return getattr(self.parent, self.fused_name)
+
+    def __call__(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        local = self._local
+        entry = getattr(local, "entry", None)
+        version = _version(x)
+        if entry is not None and entry[0] is x and entry[1] == version and not entry[3] & (1 << index):
+            output, read = entry[2], entry[3] | (1 << index)
+        else:
+            output, read = self.fused(x), 1 << index
+        local.entry = None if read == self._full else (x, version, output, read)
+        start, stop = self.bounds[index]
+        return output[..., start:stop]
+
+    def clear(self) -> None:
+        self._local.entry = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedGEMM:
+        new = SharedGEMM.__new__(SharedGEMM)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
+
+def _version(x: torch.Tensor) -> int:
+    # inference tensors have no version counter; nothing can modify them in place between sibling calls
+    return -1 if x.is_inference() else x._version
+
+
+class LinearSlice(nn.Module):
+    """Stands where one of the fused Linears was, and returns its columns of the shared fused GEMM."""
+
+    def __init__(self, shared: SharedGEMM, index: int, in_features: int):
+        super().__init__()
+        self.__dict__["shared"] = shared  # not a submodule: the fused Linear belongs to the parent
+        self.index = index
+        self.in_features = in_features
+        self.out_features = shared.sizes[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared(x, self.index)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        start, stop = self.shared.bounds[self.index]
+        return _base_linear(self.shared.fused).weight[start:stop]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        bias = _base_linear(self.shared.fused).bias
+        start, stop = self.shared.bounds[self.index]
+        return None if bias is None else bias[start:stop]
+
+    def extra_repr(self) -> str:
+        start, stop = self.shared.bounds[self.index]
+        return f"in_features={self.in_features}, out_features={self.out_features}, rows [{start}:{stop}] of {self.shared.fused_name}"
+
+
+def _base_linear(module: nn.Module) -> nn.Module:
+    # a LoRA or other wrapper around the fused Linear keeps the real one as base_layer
+    while not hasattr(module, "weight") and hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
+@dataclass(frozen=True)
+class SiblingLinearsOptions(FusionOptions):
+    names: tuple[str, ...] | None = None
+    """The sibling Linears to fuse, in order (default: the family's known spellings)."""
+    fused_name: str | None = None
+    """Attribute name of the fused Linear (default: the family's convention)."""
+
+
+class SiblingLinearsSpec(ModuleFusionSpec):
+    """Fuse N sibling ``nn.Linear`` children that share ``in_features`` into one, concatenated along outputs."""
+
+    options_class: ClassVar[type[FusionOptions]] = SiblingLinearsOptions
+    candidate_names: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    fused_name: ClassVar[str] = ""
+
+    def check_options(self, family: str, options: SiblingLinearsOptions) -> None:  # type: ignore[override]
+        from splice.errors import FusionError
+
+        if options.names is not None and (
+            len(options.names) < 2 or not all(isinstance(n, str) for n in options.names)
+        ):
+            raise FusionError(
+                f"{family!r}: option names must list at least two attribute names, got {options.names!r}"
+            )
+
+    def names_for(self, module: nn.Module, options: SiblingLinearsOptions) -> tuple[str, ...] | None:
+        candidates = (options.names,) if options.names else self.candidate_names
+        for names in candidates:
+            if self.why_not(module, names, options) is None:
+                return names
+        return None
+
+    def why_not(
+        self, module: nn.Module, names: tuple[str, ...], options: SiblingLinearsOptions
+    ) -> str | None:
+        """None when ``names`` can be fused in ``module``, else the reason."""
+        children = [module._modules.get(n) for n in names]
+        if not all(type(c) is nn.Linear for c in children):
+            return f"it has no nn.Linear children named {', '.join(names)}"
+        first = children[0]
+        for name, child in zip(names, children):
+            if child.in_features != first.in_features:
+                return f"{name} reads {child.in_features} features but {names[0]} reads {first.in_features}"
+            if (child.bias is None) != (first.bias is None):
+                return f"{name} {'has no' if child.bias is None else 'has a'} bias but {names[0]} does not"
+            if child.weight.dtype != first.weight.dtype or child.weight.device != first.weight.device:
+                return f"{name} is {child.weight.dtype} on {child.weight.device}, {names[0]} is {first.weight.dtype} on {first.weight.device}"
+        if self._fused_name(options) in module._modules:
+            return f"it already has a child named {self._fused_name(options)}"
+        return None
+
+    def _fused_name(self, options: SiblingLinearsOptions) -> str:
+        return options.fused_name or self.fused_name
+
+    def is_fusable(self, module: nn.Module, options: SiblingLinearsOptions) -> bool:  # type: ignore[override]
+        return self.names_for(module, options) is not None
+
+    def describe_candidates(self, options: SiblingLinearsOptions) -> str:  # type: ignore[override]
+        spellings = (options.names,) if options.names else self.candidate_names
+        return "modules with nn.Linear children named " + " or ".join("/".join(n) for n in spellings)
+
+    def make_fused_module(self, module: nn.Module, options: SiblingLinearsOptions) -> dict[str, nn.Module]:  # type: ignore[override]
+        names = self.names_for(module, options)
+        assert names is not None
+        linears = [module._modules[n] for n in names]
+        sizes = tuple(lin.out_features for lin in linears)
+        fused_name = self._fused_name(options)
+        first = linears[0]
+        fused = nn.Linear(
+            first.in_features,
+            sum(sizes),
+            bias=first.bias is not None,
+            device="meta",
+            dtype=first.weight.dtype,
+        )
+        shared = SharedGEMM(module, fused_name, sizes)
+        slices = {n: LinearSlice(shared, i, first.in_features) for i, n in enumerate(names)}
+        return {fused_name: fused, **slices}
+
+    def make_transforms(self, module: nn.Module, options: SiblingLinearsOptions) -> list[Rule]:  # type: ignore[override]
+        names = self.names_for(module, options)
+        assert names is not None
+        linears = [module._modules[n] for n in names]
+        concat = Concat(0, tuple(lin.out_features for lin in linears))
+        fused_name = self._fused_name(options)
+        params = ["weight"] + (["bias"] if linears[0].bias is not None else [])
+        return [Rule(tuple(f"{n}.{p}" for n in names), (f"{fused_name}.{p}",), (concat,)) for p in params]
+
+    def layout(self, module: nn.Module, options: SiblingLinearsOptions) -> dict[str, Any]:  # type: ignore[override]
+        names = self.names_for(module, options)
+        assert names is not None
+        return {
+            "names": list(names),
+            "fused_name": self._fused_name(options),
+            "sizes": [module._modules[n].out_features for n in names],
+        }
