@@ -34,6 +34,8 @@ logger = logging.getLogger("splice.modular")
 _DOCSTRING_CONSTANT = re.compile(r"_DOCSTRING$")
 # Kept at the top of a file whatever uses them first.
 _FIRST = ("logger", "_CHECKPOINT_FOR_DOC", "_CONFIG_FOR_DOC")
+# Module-level hooks that no class uses but the module needs.
+_MODULE_HOOKS = ("__getattr__", "__dir__")
 
 
 @dataclass
@@ -41,6 +43,7 @@ class _Output:
     kind: str
     definitions: dict[str, Definition] = field(default_factory=dict)
     pending: set[str] = field(default_factory=set)
+    copies: set[str] = field(default_factory=set)  # classes of another file defined here again
     cross_imports: dict[str, list[str]] = field(default_factory=dict)  # kind -> class names
 
 
@@ -129,17 +132,33 @@ class Conversion:
             if base is None:
                 continue
             source = self.imported[base]
-            suffix = common_suffix(definition.name, source.name)
-            prefix = definition.name.removesuffix(suffix) if suffix and suffix[0].isupper() else self.cased_name
-            votes.setdefault(source.path, Counter())[prefix] += 1
+            votes.setdefault(source.path, Counter())[self._prefix_of(definition.name, source)] += 1
         for source in self.imported.values():
             if source.path not in self.views:
                 self.views[source.path] = self._view(source.path, votes.get(source.path, Counter()))
 
+    def _prefix_of(self, class_name: str, source: _Import) -> str:
+        """The model prefix a class name uses: ``Emu3TextMLP(LlamaMLP)`` -> ``Emu3Text``.
+
+        The part of the base's name after its own model's prefix (``MLP``) is taken off the class name;
+        when the base does not start with its model's prefix, the longest common suffix is used.
+        """
+        old_cased = self._parent_cased(source.path)
+        suffix = source.name[len(old_cased) :] if source.name.startswith(old_cased) else ""
+        if not suffix or not class_name.endswith(suffix) or class_name == suffix:
+            suffix = common_suffix(class_name, source.name)
+        if suffix and suffix[0].isupper() and class_name != suffix:
+            return class_name[: len(class_name) - len(suffix)]
+        return self.cased_name
+
+    def _parent_cased(self, path: Path) -> str:
+        index = ModuleIndex.build(parse_file(path), str(path))
+        return self._cased(path.parent.name, self._class_names(index))
+
     def _view(self, path: Path, prefixes: Counter[str]) -> ParentView:
         index = ModuleIndex.build(parse_file(path), str(path))
         old_snake = path.parent.name
-        old_cased = self._cased(old_snake, self._class_names(index))
+        old_cased = self._parent_cased(path)
         chosen = self._choose_prefix(path, prefixes, old_cased, index)
         new_snake = self._snake(chosen) if chosen != self.cased_name else self.model_name
         swap = NameSwap(old_snake, new_snake, old_cased, chosen)
@@ -223,12 +242,14 @@ class Conversion:
         definition, view = found
         if definition.kind == "class":
             kind = file_type(name, self.cased_name)
-            if kind != out.kind:
+            if kind != out.kind and _copied_across(name, out.kind):
+                out.copies.add(name)
+            elif kind != out.kind:
                 out.cross_imports.setdefault(kind, [])
                 if name not in out.cross_imports[kind]:
                     out.cross_imports[kind].append(name)
                 return
-            if view is None:
+            if view is None and name not in out.copies:
                 return  # a modular class: emitted in its own turn
         self.add(out, definition, view)
 
@@ -248,7 +269,18 @@ class Conversion:
                 all_per_file = split_all(definition.node, self.cased_name)
             elif definition.kind == "class":
                 self._convert_class(definition)
+        for name in _MODULE_HOOKS:
+            if name in self.index.definitions:
+                self._place_hook(self.index.definitions[name])
         return self._render(all_per_file)
+
+    def _place_hook(self, definition: Definition) -> None:
+        """A module ``__getattr__`` goes with the classes it names (it serves their old names)."""
+        kinds = [file_type(n, self.cased_name) for n in sorted(
+            self.index.uses(definition.name), key=lambda n: self._order(n, None))
+            if n in self.index.definitions and self.index.definitions[n].kind == "class"]
+        kind = kinds[0] if kinds else "modeling"
+        self.add(self.outputs.setdefault(kind, _Output(kind)), definition, None)
 
     def _convert_class(self, definition: Definition) -> None:
         node: cst.ClassDef = definition.node
@@ -285,6 +317,11 @@ class Conversion:
             target = self.path.with_name(output_name(kind, self.model_name))
             results[target.name] = format_code(render(self.path, license_header, imports, body), target)
         return results
+
+
+def _copied_across(class_name: str, kind: str) -> bool:
+    """The PIL image processor must import without torchvision, so it gets its own copy of the kwargs."""
+    return kind == "image_processing_pil" and class_name.endswith("ImageProcessorKwargs")
 
 
 def _spaced(node: cst.CSTNode) -> cst.CSTNode:

@@ -1,16 +1,18 @@
 """Choosing the imports of a generated file: only what its code uses, each name once.
 
-The pool holds every import the modular file and its parents wrote, in that order. Scope analysis
-(libcst's ``ScopeProvider``) over the pool plus the generated body tells which bound names are read;
-a name the body defines itself is never imported. Imports under ``if``/``try`` guards stay guarded.
+The pool holds every import the modular file and its parents wrote, in that order. An import is kept
+when the generated body reads the name it binds (a dotted ``import a.b`` when the body reads ``a.b``),
+including names inside string annotations; a name the body defines itself is never imported. This is
+the part of scope analysis that matters here, at a fraction of the cost of libcst's ``ScopeProvider``. Imports under ``if``/``try`` guards stay guarded.
 """
 
 from __future__ import annotations
 
 import libcst as cst
-from libcst.metadata import MetadataWrapper, ScopeProvider
+from libcst import matchers as m
 
 from splice.modular.index import is_import_line
+from splice.modular.resolve import dotted_name
 
 
 def bound_name(alias: cst.ImportAlias) -> str:
@@ -19,17 +21,42 @@ def bound_name(alias: cst.ImportAlias) -> str:
     return cst.Module([]).code_for_node(alias.name)
 
 
-def _used_import_names(pool: list[cst.CSTNode], body: list[cst.CSTNode]) -> set[str]:
-    wrapper = MetadataWrapper(cst.Module(body=[*pool, *body]), unsafe_skip_copy=True)
-    used: set[str] = set()
-    for scope in set(wrapper.resolve(ScopeProvider).values()):
-        if scope is None:
-            continue
-        for assignment in scope.assignments:
-            node = getattr(assignment, "node", None)
-            if isinstance(node, (cst.Import, cst.ImportFrom)) and assignment.references:
-                used.add(assignment.name)
-    return used
+class _ReadNames(cst.CSTVisitor):
+    """Names the code reads: plain names, dotted chains (``torch.nn.functional``) and the names inside
+    string annotations (``"PreTrainedModel"``)."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def visit_Name(self, node: cst.Name) -> None:
+        self.names.add(node.value)
+
+    def visit_Attribute(self, node: cst.Attribute) -> bool:
+        chain = dotted_name(node)
+        if chain:
+            parts = chain.split(".")
+            self.names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            return False
+        node.value.visit(self)
+        return False
+
+    def visit_Arg(self, node: cst.Arg) -> bool:
+        node.value.visit(self)
+        return False
+
+    def visit_Annotation(self, node: cst.Annotation) -> None:
+        for string in m.findall(node, m.SimpleString()):
+            try:
+                cst.parse_expression(string.evaluated_value).visit(self)
+            except (cst.ParserSyntaxError, TypeError, ValueError):
+                pass
+
+
+def _used_import_names(body: list[cst.CSTNode]) -> set[str]:
+    reader = _ReadNames()
+    for statement in body:
+        statement.visit(reader)
+    return reader.names
 
 
 class _Picker:
@@ -70,7 +97,7 @@ class _Picker:
 
 def needed_imports(pool: list[cst.CSTNode], body: list[cst.CSTNode], defined: set[str]) -> list[cst.CSTNode]:
     """The imports of ``pool`` that ``body`` needs: plain ones first, then guarded blocks."""
-    used = _used_import_names(pool, body)
+    used = _used_import_names(body)
     picker = _Picker(used, defined)
     plain, guarded, seen_blocks = [], [], set()
     for statement in pool:

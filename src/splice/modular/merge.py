@@ -119,7 +119,6 @@ def merge_class(
     child_bases = [dotted_name(arg.value) for arg in child.bases]
     extra_bases = [b for b in child_bases if b and b != parent_base]
     new_bases = _switch_bases(parent, extra_bases)
-    all_bases = {b for b in child_bases if b} | {dotted_name(b.value) for b in new_bases if dotted_name(b.value)}
 
     child_body = statements_of(child.body)
     parent_body = statements_of(parent.body)
@@ -137,7 +136,7 @@ def merge_class(
                 replacement = child_methods[key]
                 if is_error_stub(replacement):
                     continue
-                statement = _override(statement, replacement, all_bases)
+                statement = _override(statement, replacement)
             others.append(statement)
         elif (name := _attribute_name(statement)) is not None:
             attributes[name] = statement
@@ -146,7 +145,7 @@ def merge_class(
     for statement in child_body:
         if isinstance(statement, cst.FunctionDef):
             if method_key(statement) not in parent_methods:
-                others.append(unroll(statement, None, all_bases))
+                others.append(unroll(_own_decorators(statement), None))
         elif (name := _attribute_name(statement)) is not None:
             if _removes_attribute(statement):
                 attributes.pop(name, None)
@@ -160,18 +159,36 @@ def merge_class(
     return parent.with_changes(
         name=child.name,
         bases=new_bases,
-        decorators=child.decorators or parent.decorators,
+        decorators=_decorators(child, parent),
         body=as_block(parent.body, body),
         leading_lines=child.leading_lines,
     )
 
 
-def _override(parent: cst.FunctionDef, child: cst.FunctionDef, bases: set[str]) -> cst.FunctionDef:
+def _override(parent: cst.FunctionDef, child: cst.FunctionDef) -> cst.FunctionDef:
     params = expand_super_kwargs(child, parent)
     merged = child.with_changes(
         params=params,
-        decorators=child.decorators or parent.decorators,
+        decorators=_decorators(child, parent),
         returns=child.returns or parent.returns,
         leading_lines=parent.leading_lines,
     )
-    return unroll(merged, parent, bases)
+    return unroll(merged, parent)
+
+
+_NO_INHERIT = "no_inherit_decorator"
+
+
+def _decorators(child: cst.ClassDef | cst.FunctionDef, parent: cst.ClassDef | cst.FunctionDef) -> list[cst.Decorator]:
+    """The child's decorators if it writes any, else the parent's.
+
+    ``@no_inherit_decorator`` is a marker meaning "none of the parent's": it is dropped from the output.
+    """
+    own = [d for d in child.decorators if dotted_name(d.decorator).split(".")[-1] != _NO_INHERIT]
+    if len(own) != len(child.decorators):
+        return own
+    return list(child.decorators) or list(parent.decorators)
+
+
+def _own_decorators(function: cst.FunctionDef) -> cst.FunctionDef:
+    return function.with_changes(decorators=_decorators(function, function.with_changes(decorators=())))

@@ -97,6 +97,8 @@ class NameSwap:
 
     def _replace(self, match: re.Match[str]) -> str:
         found, following = match.group(1), match.group(2)
+        if found.islower() and following.islower() and following.isalpha():
+            return match.group(0)  # `mamba` in `use_mambapy` is part of another word
         replacement = self.patterns.get(found, self.new_cased)
         if self._upper_cased and found.isupper() and not following.isalpha():
             replacement = self.patterns[found.lower()].upper()

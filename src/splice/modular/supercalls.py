@@ -91,31 +91,29 @@ def deleted_target(statement: cst.CSTNode) -> str | None:
 
 
 class ExplicitBaseCalls(cst.CSTTransformer):
-    """``Base.f(self, a)`` and ``Base().f(a)`` -> ``super().f(a)`` for the class's own bases.
+    """``Base.f(self, a)`` inside method ``f`` -> ``super().f(a)``.
 
-    In a flattened class the named base is the real parent (``nn.Module.__init__(self)`` picks
-    ``nn.Module`` over the modular parent's ``__init__``), so ``super()`` says the same thing.
+    Naming a base explicitly skips the modular parent's version of ``f`` (``nn.Module.__init__(self)``
+    instead of ``LlamaAttention.__init__``). Once flattened, that parent's code is gone and the named
+    class is an ancestor of the flattened one, so ``super()`` says the same thing.
     """
 
-    def __init__(self, bases: set[str]):
+    def __init__(self, method: str):
         super().__init__()
-        self.bases = bases
-
-    def _names_base(self, node: cst.BaseExpression) -> bool:
-        if isinstance(node, cst.Call):
-            node = node.func
-        return dotted_name(node) in self.bases
+        self.method = method
 
     def leave_Call(self, original_node: cst.Call, updated_node: cst.Call) -> cst.Call:
-        func = original_node.func
-        if not (isinstance(func, cst.Attribute) and self._names_base(func.value)):
+        func = updated_node.func
+        if not (isinstance(func, cst.Attribute) and func.attr.value == self.method):
             return updated_node
-        new_func = updated_node.func.with_changes(value=cst.Call(cst.Name("super")))
-        args = list(updated_node.args)
-        if not isinstance(func.value, cst.Call) and args and isinstance(args[0].value, cst.Name):
-            if args[0].value.value == "self" and args[0].keyword is None and not args[0].star:
-                args = args[1:]
-        return updated_node.with_changes(func=new_func, args=args)
+        owner = dotted_name(func.value)
+        args = updated_node.args
+        if not owner or not owner.split(".")[-1][:1].isupper() or not args:
+            return updated_node
+        first = args[0]
+        if not (isinstance(first.value, cst.Name) and first.value.value == "self" and first.keyword is None and not first.star):
+            return updated_node
+        return updated_node.with_changes(func=func.with_changes(value=cst.Call(cst.Name("super"))), args=args[1:])
 
 
 def _move_post_init_last(body: list[cst.BaseStatement]) -> list[cst.BaseStatement]:
@@ -135,11 +133,11 @@ def _move_super_init_first(body: list[cst.BaseStatement]) -> list[cst.BaseStatem
     return body
 
 
-def unroll(child: cst.FunctionDef, parent: cst.FunctionDef | None, bases: set[str]) -> cst.FunctionDef:
+def unroll(child: cst.FunctionDef, parent: cst.FunctionDef | None) -> cst.FunctionDef:
     """The child method's body with ``super().<same name>(...)`` replaced by the parent's body."""
     name = child.name.value
     statements = statements_of(child.body)
-    explicit = ExplicitBaseCalls(bases)
+    explicit = ExplicitBaseCalls(name)
     child_doc = docstring_statement(statements)
     parent_body = statements_of(parent.body) if parent is not None else []
     parent_doc = docstring_statement(parent_body)
