@@ -50,7 +50,9 @@ def definitions(source: str) -> dict[str, str]:
     for node in ast.parse(source).body:
         if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             result[node.name] = ast.dump(node)
-        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        elif (
+            isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+        ):
             result[node.targets[0].id] = ast.dump(node)
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             result[node.target.id] = ast.dump(node)
@@ -121,7 +123,9 @@ def main(argv: list[str]) -> int:
                 print(f"  {why:8} {Path(r.modular).parent.name}/{file}::{key}")
                 shown += 1
     print(f"definitions identical: {identical}/{total} = {100 * identical / max(total, 1):.2f}%")
-    print(f"generated files identical: {files_identical}/{files_total}; modular files: {len(reports)}; errors: {len(errors)}")
+    print(
+        f"generated files identical: {files_identical}/{files_total}; modular files: {len(reports)}; errors: {len(errors)}"
+    )
     print("mismatch kinds:", dict(kinds))
     return 0
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import libcst as cst
+from libcst import matchers as m
 from libcst.metadata import MetadataWrapper, PositionProvider
 
 from splice.modular.emit import format_code, render
@@ -106,10 +107,15 @@ class Conversion:
                 shown = "." * level + dotted
                 found = locate_absolute(dotted) if level == 0 else locate_relative(self.path, level, dotted)
                 if found is None:
-                    raise self.error(f"cannot find the source of `{shown}`: it is neither an installed "
-                                     "package nor a file of this package tree", small)
+                    raise self.error(
+                        f"cannot find the source of `{shown}`: it is neither an installed "
+                        "package nor a file of this package tree",
+                        small,
+                    )
                 if isinstance(small.names, cst.ImportStar):
-                    raise self.error(f"`from {shown} import *` is not supported: name the classes you inherit from", small)
+                    raise self.error(
+                        f"`from {shown} import *` is not supported: name the classes you inherit from", small
+                    )
                 for alias in small.names:
                     original = dotted_name(alias.name)
                     bound = alias.asname.name.value if alias.asname is not None else original
@@ -120,7 +126,9 @@ class Conversion:
         if len(specific) > 1:
             raise self.error(
                 f"class {node.name.value} inherits from more than one model-specific class "
-                f"({', '.join(specific)}); flattening can follow only one", node)
+                f"({', '.join(specific)}); flattening can follow only one",
+                node,
+            )
         return specific[0] if specific else None
 
     def build_views(self) -> None:
@@ -174,12 +182,21 @@ class Conversion:
             logger.warning(
                 "%s: classes inheriting from %s use several prefixes (%s); using %r for the code pulled "
                 "from it. Subclass the intermediate classes too if they need another prefix.",
-                self.path, path.name, ", ".join(sorted(prefixes)), chosen)
+                self.path,
+                path.name,
+                ", ".join(sorted(prefixes)),
+                chosen,
+            )
         old_prefix = chosen.replace(self.cased_name, old_cased)
-        if chosen != self.cased_name and old_prefix in self._class_names(index):
+        if chosen != self.cased_name and any(n.startswith(old_prefix) for n in self._class_names(index)):
             logger.warning(
                 "%s: prefix %r would collide with class %s of %s; falling back to %r.",
-                self.path, chosen, old_prefix, path.name, self.cased_name)
+                self.path,
+                chosen,
+                old_prefix,
+                path.name,
+                self.cased_name,
+            )
             chosen = self.cased_name
         return chosen
 
@@ -220,7 +237,11 @@ class Conversion:
         return None
 
     def _uses(self, definition: Definition, context: ParentView | None) -> set[str]:
-        if context is not None and definition.name in context and definition.node is context.definition(definition.name).node:
+        if (
+            context is not None
+            and definition.name in context
+            and definition.node is context.definition(definition.name).node
+        ):
             return context.uses(definition.name)
         if context is None and self.index.definitions.get(definition.name) is definition:
             return self.index.uses(definition.name)
@@ -276,9 +297,16 @@ class Conversion:
 
     def _place_hook(self, definition: Definition) -> None:
         """A module ``__getattr__`` goes with the classes it names (it serves their old names)."""
-        kinds = [file_type(n, self.cased_name) for n in sorted(
-            self.index.uses(definition.name), key=lambda n: self._order(n, None))
-            if n in self.index.definitions and self.index.definitions[n].kind == "class"]
+        named = [s.evaluated_value for s in m.findall(definition.node, m.SimpleString())]
+        named += sorted(self.index.uses(definition.name), key=lambda n: self._order(n, None))
+        kinds = [
+            file_type(n, self.cased_name)
+            for n in named
+            if isinstance(n, str)
+            and n.isidentifier()
+            and n[:1].isupper()
+            and (n.startswith(self.cased_name) or n in self.index.definitions)
+        ]
         kind = kinds[0] if kinds else "modeling"
         self.add(self.outputs.setdefault(kind, _Output(kind)), definition, None)
 
@@ -295,7 +323,9 @@ class Conversion:
             if parent_name not in context or context.definition(parent_name).kind != "class":
                 raise self.error(f"{base} is not a class of {source.path.name}", node)
             node = merge_class(node, context.definition(parent_name).node, base, self._doc_swap)
-        self.add(out, Definition(definition.name, "class", node, definition.position, str(self.path)), context)
+        self.add(
+            out, Definition(definition.name, "class", node, definition.position, str(self.path)), context
+        )
 
     def _render(self, all_per_file: dict[str, cst.SimpleStatementLine]) -> dict[str, str]:
         license_header = cst.Module(body=[], header=self.module.header).code
@@ -303,14 +333,18 @@ class Conversion:
         for view in self.views.values():
             pool.extend(view.imports)
         results: dict[str, str] = {}
-        for kind in sorted(self.outputs, key=lambda k: (FILE_TYPE_ORDER.index(k) if k in FILE_TYPE_ORDER else 99, k)):
+        for kind in sorted(
+            self.outputs, key=lambda k: (FILE_TYPE_ORDER.index(k) if k in FILE_TYPE_ORDER else 99, k)
+        ):
             out = self.outputs[kind]
             definitions = sorted(out.definitions.values(), key=lambda d: 0 if d.name in _FIRST else 1)
             body = [_spaced(d.node) for d in definitions]
             if kind in all_per_file:
                 body.append(all_per_file[kind])
             extra = [
-                cst.parse_statement(f"from .{output_name(other, self.model_name)[:-3]} import {', '.join(names)}")
+                cst.parse_statement(
+                    f"from .{output_name(other, self.model_name)[:-3]} import {', '.join(names)}"
+                )
                 for other, names in out.cross_imports.items()
             ]
             imports = needed_imports(pool + extra, body, set(out.definitions))

@@ -66,7 +66,11 @@ def assignment_target(statement: cst.CSTNode) -> str | None:
     if not isinstance(statement, cst.SimpleStatementLine) or len(statement.body) != 1:
         return None
     small = statement.body[0]
-    if isinstance(small, cst.Assign) and len(small.targets) == 1 and isinstance(small.targets[0].target, cst.Name):
+    if (
+        isinstance(small, cst.Assign)
+        and len(small.targets) == 1
+        and isinstance(small.targets[0].target, cst.Name)
+    ):
         return small.targets[0].target.value
     if isinstance(small, cst.AnnAssign) and isinstance(small.target, cst.Name) and small.value is not None:
         return small.target.value
@@ -113,7 +117,9 @@ class ModuleIndex:
     def _add(self, name: str, kind: Kind, node: cst.CSTNode, position: int) -> None:
         previous = self.definitions.get(name)
         # A redefinition replaces the node but the name keeps the place where it first appeared.
-        self.definitions[name] = Definition(name, kind, node, previous.position if previous else position, self.origin)
+        self.definitions[name] = Definition(
+            name, kind, node, previous.position if previous else position, self.origin
+        )
 
     def uses(self, name: str) -> set[str]:
         """Top-level names of this module that ``name``'s definition refers to (not itself)."""

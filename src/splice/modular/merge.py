@@ -64,7 +64,9 @@ def _is_placeholder(statement: cst.CSTNode) -> bool:
     if not isinstance(statement, cst.SimpleStatementLine) or len(statement.body) != 1:
         return False
     small = statement.body[0]
-    return isinstance(small, cst.Pass) or (isinstance(small, cst.Expr) and isinstance(small.value, cst.Ellipsis))
+    return isinstance(small, cst.Pass) or (
+        isinstance(small, cst.Expr) and isinstance(small.value, cst.Ellipsis)
+    )
 
 
 def method_key(function: cst.FunctionDef) -> str:
@@ -179,7 +181,9 @@ def _override(parent: cst.FunctionDef, child: cst.FunctionDef) -> cst.FunctionDe
 _NO_INHERIT = "no_inherit_decorator"
 
 
-def _decorators(child: cst.ClassDef | cst.FunctionDef, parent: cst.ClassDef | cst.FunctionDef) -> list[cst.Decorator]:
+def _decorators(
+    child: cst.ClassDef | cst.FunctionDef, parent: cst.ClassDef | cst.FunctionDef
+) -> list[cst.Decorator]:
     """The child's decorators if it writes any, else the parent's.
 
     ``@no_inherit_decorator`` is a marker meaning "none of the parent's": it is dropped from the output.

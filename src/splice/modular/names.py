@@ -47,7 +47,9 @@ class NameBook:
     """Converts model names between snake and cased spellings for one package."""
 
     def __init__(self, mapping: dict[str, str], class_names: set[str] = frozenset()):
-        self.to_cased_table = {k: v.removesuffix("Config") for k, v in mapping.items() if v.endswith("Config")}
+        self.to_cased_table = {
+            k: v.removesuffix("Config") for k, v in mapping.items() if v.endswith("Config")
+        }
         self.to_snake_table = {v: k for k, v in self.to_cased_table.items()}
         self.class_names = class_names
 
@@ -71,7 +73,8 @@ class NameBook:
         votes = Counter(
             name[: len(key)]
             for name in self.class_names
-            if name.lower().startswith(key) and name[: len(key)].replace("_", "") == name[: len(key)]
+            if name.lower().startswith(key)
+            and name[: len(key)].replace("_", "") == name[: len(key)]
             and (len(name) == len(key) or name[len(key)].isupper() or name[len(key)] == "_")
         )
         return votes.most_common(1)[0][0] if votes else None

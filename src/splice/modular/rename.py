@@ -34,7 +34,9 @@ class Renamer(cst.CSTTransformer):
             return updated_node
         return updated_node.with_changes(value=self.swap(updated_node.value))
 
-    def leave_SimpleString(self, original_node: cst.SimpleString, updated_node: cst.SimpleString) -> cst.SimpleString:
+    def leave_SimpleString(
+        self, original_node: cst.SimpleString, updated_node: cst.SimpleString
+    ) -> cst.SimpleString:
         return updated_node.with_changes(value=self.swap(updated_node.value))
 
     def leave_Comment(self, original_node: cst.Comment, updated_node: cst.Comment):
@@ -50,7 +52,9 @@ class Renamer(cst.CSTTransformer):
         return False
 
 
-def rename_node(node: cst.CSTNode, swap: NameSwap, *, only_text: bool = False, keep=frozenset()) -> cst.CSTNode:
+def rename_node(
+    node: cst.CSTNode, swap: NameSwap, *, only_text: bool = False, keep=frozenset()
+) -> cst.CSTNode:
     if swap.is_identity:
         return node
     return node.visit(Renamer(swap, only_text=only_text, keep=keep))
@@ -65,7 +69,11 @@ def rename_sibling_import(statement: cst.CSTNode, swap: NameSwap, model_name: st
     """
 
     def fix(node: cst.ImportFrom) -> cst.ImportFrom:
-        if len(node.relative) != 1 or not isinstance(node.module, cst.Name) or isinstance(node.names, cst.ImportStar):
+        if (
+            len(node.relative) != 1
+            or not isinstance(node.module, cst.Name)
+            or isinstance(node.names, cst.ImportStar)
+        ):
             return node
         match = _SIBLING_FILE.match(node.module.value)
         if match is None:
@@ -102,7 +110,8 @@ def _bound_names(statement: cst.CSTNode) -> set[str]:
 def _is_sibling_import(statement: cst.CSTNode) -> bool:
     smalls = m.findall(statement, m.ImportFrom())
     return bool(smalls) and all(
-        len(s.relative) == 1 and isinstance(s.module, cst.Name) and _SIBLING_FILE.match(s.module.value) for s in smalls
+        len(s.relative) == 1 and isinstance(s.module, cst.Name) and _SIBLING_FILE.match(s.module.value)
+        for s in smalls
     )
 
 

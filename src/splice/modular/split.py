@@ -54,7 +54,9 @@ def file_type(class_name: str, cased_model_name: str = "") -> str:
     return "modeling"
 
 
-def split_all(statement: cst.SimpleStatementLine, cased_model_name: str) -> dict[str, cst.SimpleStatementLine]:
+def split_all(
+    statement: cst.SimpleStatementLine, cased_model_name: str
+) -> dict[str, cst.SimpleStatementLine]:
     """``__all__ = [...]`` split into one list per file type, each keeping the original order."""
     assign = statement.body[0]
     if not isinstance(assign, cst.Assign) or not isinstance(assign.value, (cst.List, cst.Tuple)):

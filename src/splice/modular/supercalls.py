@@ -32,7 +32,10 @@ def statements_of(block: cst.BaseSuite) -> list[cst.BaseStatement]:
     """The statements of a block; ``class A(B): ...`` on one line gives one ``...`` statement."""
     if isinstance(block, cst.IndentedBlock):
         return list(block.body)
-    return [cst.SimpleStatementLine([small.with_changes(semicolon=cst.MaybeSentinel.DEFAULT)]) for small in block.body]
+    return [
+        cst.SimpleStatementLine([small.with_changes(semicolon=cst.MaybeSentinel.DEFAULT)])
+        for small in block.body
+    ]
 
 
 def as_block(block: cst.BaseSuite, body: list[cst.BaseStatement]) -> cst.IndentedBlock:
@@ -107,13 +110,17 @@ class ExplicitBaseCalls(cst.CSTTransformer):
         if not (isinstance(func, cst.Attribute) and func.attr.value == self.method):
             return updated_node
         owner = dotted_name(func.value)
-        args = updated_node.args
-        if not owner or not owner.split(".")[-1][:1].isupper() or not args:
+        if not owner or not owner.split(".")[-1][:1].isupper():
             return updated_node
-        first = args[0]
-        if not (isinstance(first.value, cst.Name) and first.value.value == "self" and first.keyword is None and not first.star):
-            return updated_node
-        return updated_node.with_changes(func=func.with_changes(value=cst.Call(cst.Name("super"))), args=args[1:])
+        args = list(updated_node.args)
+        if (
+            args
+            and isinstance(args[0].value, cst.Name)
+            and args[0].value.value == "self"
+            and not args[0].keyword
+        ):
+            args = args[1:]
+        return updated_node.with_changes(func=func.with_changes(value=cst.Call(cst.Name("super"))), args=args)
 
 
 def _move_post_init_last(body: list[cst.BaseStatement]) -> list[cst.BaseStatement]:
@@ -162,7 +169,7 @@ def unroll(child: cst.FunctionDef, parent: cst.FunctionDef | None) -> cst.Functi
                 continue
             seen.add(normalized(statement))
             merged.append(statement.visit(explicit))
-        body = _move_super_init_first(before + _move_post_init_last(merged))
+        body = before + _move_post_init_last(merged)
     if child_doc is None and parent_doc is not None:
         body = [parent_doc, *body]
     if not body:
