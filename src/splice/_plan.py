@@ -238,11 +238,10 @@ def _simplify(
     leftovers: list[tuple[str, str]] = []
     for target in targets:
         name = real(target)
-        if name == target:
-            continue
         if name in produced_by_instr and name not in renamed:
-            renamed[name] = target
-        else:
+            if name != target:
+                renamed[name] = target
+        else:  # a source handed on unchanged: keep it explicit, so the step composes again
             leftovers.append((name, target))
     kept = [
         Instr(

@@ -44,6 +44,7 @@ class ModuleFusionSpec:
     name: ClassVar[str] = ""
     options_class: ClassVar[type[FusionOptions]] = FusionOptions
     target_modules_patterns: tuple[str, ...] = ("*",)
+    requires_tensors: ClassVar[bool] = True  # a fusion whose rules move no tensor is a mistake, usually
 
     def is_fusable(self, module: nn.Module, options: FusionOptions) -> bool:
         raise NotImplementedError

@@ -67,6 +67,9 @@ class SpliceState:
     config: dict[str, Any] = field(default_factory=dict)  # JSON form, for config.json
     original_keys: list[str] = field(default_factory=list)
     calls: int = 0
+    gather_state_dict: Any = (
+        None  # set by splice.parallel for a sharded model: (model, original) -> dict | None
+    )
 
     def weight_map(self, kinds: Iterable[str] | None = None) -> WeightMap:
         """Original layout -> runtime layout, one stage per (fuse call, family), in the order applied."""
@@ -229,7 +232,7 @@ def _prepare(
     except WeightMapError as exc:
         raise FusionError(f"{where}: {exc}") from None
     steps = [s for s in plan.steps if s.rule is not None]
-    if not steps:
+    if not steps and spec.requires_tensors:
         raise FusionError(
             f"{where}: the family's rules match none of the module's tensors {sorted(tensors)[:5]}"
         )
@@ -277,17 +280,25 @@ def _apply(
 
 
 def _run_steps(module: nn.Module, steps: list[Step]) -> dict[str, tuple[torch.Tensor, str]]:
-    """Run each step on the module's current tensors, then detach those tensors from the module."""
+    """Run each step on the module's current tensors, then detach those tensors from the module.
+
+    A pure rename moves the Parameter object itself, so optimizers and hooks holding it stay valid.
+    """
     outputs: dict[str, tuple[torch.Tensor, str]] = {}
     with torch.no_grad():
         for step in steps:
-            sources = [_get_tensor(module, k).detach() for k in step.sources]
-            results = step.run(sources)
+            originals = [_get_tensor(module, k) for k in step.sources]
+            if step.is_rename:
+                results = originals
+            else:
+                sources = [t.detach() for t in originals]
+                results = [_own_memory(t, sources) for t in step.run(sources)]
+                del sources
             for key in step.sources:
                 _strip(module, key)
             for key, tensor in zip(step.targets, results):
-                outputs[key] = (_own_memory(tensor, sources), step.sources[0])
-            del sources, results
+                outputs[key] = (tensor, step.sources[0])
+            del originals, results
     return outputs
 
 
@@ -406,7 +417,9 @@ def _assign(module: nn.Module, key: str, tensor: torch.Tensor, requires_grad: bo
     except AttributeError:
         raise FusionError(f"{where}: the fused module has no submodule for {key!r}") from None
     if leaf in owner._parameters:
-        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=requires_grad)
+        if not isinstance(tensor, nn.Parameter):
+            tensor = nn.Parameter(tensor, requires_grad=requires_grad)
+        owner._parameters[leaf] = tensor
     elif leaf in owner._buffers:
         owner._buffers[leaf] = tensor
     else:

@@ -1,0 +1,613 @@
+"""Transformers integration: `from_pretrained` straight into a fused layout, `save_pretrained` back out.
+
+Loading builds the model on the meta device (thread-local: nothing global changes), fuses it there
+(cheap: no weights exist yet), then compiles one `WeightMap` from the checkpoint's keys to the fused
+model's keys: transformers' own checkpoint renames for this model, then the fusion rules. Each
+runtime tensor is allocated once and filled straight from the file (`CheckpointReader.read_into`),
+so there is never an unfused copy in memory. Loading is strict: a weight the checkpoint lacks or
+whose shape does not fit is a `LoadError` naming it, never a random init.
+
+Saving runs the recorded fusion plan backwards, applies transformers' reverse renames, and writes
+through `CheckpointWriter` into a staging directory that replaces the target atomically; by default
+the result is the original checkpoint layout, byte for byte.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from splice.checkpoint import CheckpointReader, CheckpointWriter
+from splice.errors import CheckpointError, LoadError, WeightMapError
+from splice.fusion.surgery import SpliceState, fuse, get_state, original_state_dict, unfuse
+from splice.transforms import TensorMeta
+from splice.weightmap import Plan, Rule, Step, WeightMap
+
+logger = logging.getLogger("splice")
+
+CONFIG_KEY = "fusion_config"
+_UNSUPPORTED = {
+    "quantization_config": "quantized loading",
+    "load_in_8bit": "quantized loading",
+    "load_in_4bit": "quantized loading",
+    "gguf_file": "GGUF checkpoints",
+    "from_tf": "TensorFlow checkpoints",
+    "from_flax": "Flax checkpoints",
+    "offload_folder": "disk offloading",
+    "use_safetensors": None,  # accepted: splice only reads safetensors
+    "low_cpu_mem_usage": None,  # accepted: loading always streams
+    "output_loading_info": "output_loading_info (loading is strict, there is nothing to report)",
+}
+_HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download", "proxies", "subfolder")
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def from_pretrained(
+    cls: Any,
+    pretrained_model_name_or_path: str | os.PathLike,
+    *,
+    fusion_config: Any = None,
+    config: Any = None,
+    dtype: Any = None,
+    torch_dtype: Any = None,
+    attn_implementation: str | dict | None = None,
+    device_map: Any = None,
+    tp_plan: Any = None,
+    distributed_config: Any = None,
+    key_mapping: dict[str, str] | None = None,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """Load a Transformers model straight into the layout ``fusion_config`` asks for.
+
+    ``cls`` is a model class (``LlamaForCausalLM``) or an Auto class (``AutoModelForCausalLM``); the
+    other keywords mean what they mean to ``cls.from_pretrained``. ``fusion_config`` is a fusion
+    config as ``splice.fuse`` takes it; when omitted, the one stored in ``config.json`` by a runtime
+    layout save is used, and ``fusion_config={}`` loads unfused.
+    """
+    import transformers  # noqa: F401  (fail early with a clear ImportError when the extra is missing)
+
+    if tp_plan is not None or distributed_config is not None:
+        from splice.parallel.load import (
+            from_pretrained_tp,  # a call-time plugin: parallel builds on this module
+        )
+
+        return from_pretrained_tp(
+            cls, pretrained_model_name_or_path, fusion_config=fusion_config, config=config, dtype=dtype,
+            torch_dtype=torch_dtype, attn_implementation=attn_implementation, tp_plan=tp_plan,
+            distributed_config=distributed_config, key_mapping=key_mapping, **kwargs,
+        )  # fmt: skip
+    prepared = prepare(
+        cls, pretrained_model_name_or_path, fusion_config=fusion_config, config=config, dtype=dtype,
+        torch_dtype=torch_dtype, attn_implementation=attn_implementation, device_map=device_map,
+        key_mapping=key_mapping, trust_remote_code=trust_remote_code, **kwargs,
+    )  # fmt: skip
+    with CheckpointReader(prepared.path) as reader:
+        plan = prepared.compile(reader)
+        for step in plan.steps:
+            for key, tensor in zip(step.targets, load_step(reader, step, prepared.dtypes)):
+                set_tensor(prepared.model, key, tensor)
+    model = prepared.finish()
+    if prepared.device is not None:
+        model.to(prepared.device)
+    return model
+
+
+class Prepared:
+    """A model built on meta and fused, with everything needed to compile and run its load plan."""
+
+    def __init__(self, model, path, weight_map, target_dtype, dtype_plan, transforms, missing_ok, device):
+        self.model, self.path, self.weight_map = model, Path(path), weight_map
+        self.target_dtype, self.dtype_plan, self.transforms = target_dtype, dtype_plan, transforms
+        self.missing_ok, self.device = missing_ok, device
+        self.dtypes: dict[str, torch.dtype] = {}
+
+    def compile(self, reader: CheckpointReader) -> Plan:
+        """The checkpoint -> runtime plan, checked strictly against the model's own tensors."""
+        metas = reader.metas()
+        try:
+            plan = self.weight_map.compile(list(metas), metas)
+        except WeightMapError as exc:
+            raise LoadError(f"{self.path}: the checkpoint does not fit the requested layout: {exc}") from None
+        expected = {k: TensorMeta.of(t) for k, t in self.model.state_dict(keep_vars=True).items()}
+        produced = plan.target_metas
+        missing = [k for k in expected if k not in produced and k not in self.missing_ok]
+        if missing:
+            raise LoadError(
+                f"{self.path}: the checkpoint has no weight for {len(missing)} model key(s): {_few(missing)}; "
+                "refusing to leave them randomly initialized"
+            )
+        for key, meta in produced.items():
+            if key in expected and meta.shape != expected[key].shape:
+                step = plan.step_for(key)
+                raise LoadError(
+                    f"{self.path}: {key} has shape {list(meta.shape)} in the checkpoint (from {', '.join(step.sources)}) "
+                    f"but the model expects {list(expected[key].shape)}"
+                )
+        unexpected = [k for k in produced if k not in expected and not _ignored_unexpected(self.model, k)]
+        if unexpected:
+            logger.warning(
+                "%s: ignoring %d checkpoint key(s) the model has no place for: %s",
+                self.path,
+                len(unexpected),
+                _few(unexpected),
+            )
+        steps = [s for s in plan.steps if any(t in expected for t in s.targets)]
+        for step in steps:
+            for key in step.targets:
+                if key in expected:
+                    self.dtypes[key] = self._dtype_for(key, produced[key].dtype)
+        return Plan(steps, plan.unclaimed, plan.unused_rules)
+
+    def _dtype_for(self, key: str, stored: torch.dtype) -> torch.dtype:
+        if not stored.is_floating_point or self.target_dtype is None:
+            return stored
+        for pattern, dtype in self.dtype_plan.items():
+            if re.search(pattern, key):
+                return dtype
+        return self.target_dtype
+
+    def finish(self) -> nn.Module:
+        model = self.model
+        model._weight_conversions = [t for t in self.transforms if t.was_used()]
+        _materialize_buffers(model)
+        model.tie_weights(missing_keys=set(self.missing_ok) & _meta_keys(model), recompute_mapping=False)
+        left = sorted(_meta_keys(model))
+        if left:
+            raise LoadError(f"{self.path}: no value for {_few(left)} after loading (please report this)")
+        _load_generation_config(model, self.path)
+        model.eval()
+        return model
+
+
+def prepare(
+    cls: Any,
+    path: str | os.PathLike,
+    *,
+    fusion_config: Any = None,
+    config: Any = None,
+    dtype: Any = None,
+    torch_dtype: Any = None,
+    attn_implementation: str | dict | None = None,
+    device_map: Any = None,
+    key_mapping: dict[str, str] | None = None,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> Prepared:
+    """Resolve files, config and class; build the model on meta; fuse it; build the checkpoint map."""
+    for name in list(kwargs):
+        if name in _UNSUPPORTED:
+            reason = _UNSUPPORTED[name]
+            value = kwargs.pop(name)
+            if reason is not None and value not in (None, False):
+                raise LoadError(f"splice.from_pretrained does not support {name}= ({reason})")
+    if kwargs.pop("ignore_mismatched_sizes", False):
+        raise LoadError("splice.from_pretrained is strict: ignore_mismatched_sizes=True is not supported")
+    if trust_remote_code:
+        raise LoadError("splice.from_pretrained does not run remote code (trust_remote_code=True)")
+    hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+    local = resolve_path(path, hub)
+    config = _load_config(cls, local, config, kwargs)
+    model_cls = _model_class(cls, config)
+    stored = getattr(config, CONFIG_KEY, None)
+    if hasattr(config, CONFIG_KEY):
+        delattr(config, CONFIG_KEY)  # the fusion lives in splice's per-model state, never in the config
+    requested = stored if fusion_config is None else fusion_config
+
+    with CheckpointReader(local) as reader:
+        keys = reader.keys()
+        target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, config, reader)
+    model = build_on_meta(model_cls, config, attn_implementation, target_dtype)
+    original_keys = list(model.state_dict(keep_vars=True))
+    layout_map = WeightMap()
+    if stored and stored != requested:
+        fuse(model, stored)  # the checkpoint is in this runtime layout; undo it, then apply the requested one
+        layout_map = get_state(model).weight_map().invert()
+        unfuse(model)
+    if requested:
+        fuse(model, requested)
+        state = get_state(model)
+        state.config = json.loads(json.dumps(state.config))
+        layout_map = layout_map.then(state.weight_map())
+    checkpoint_keys_space = (
+        list(model.state_dict(keep_vars=True)) if stored == requested and stored else original_keys
+    )
+    renames, transforms = checkpoint_renames(model, keys, checkpoint_keys_space, key_mapping)
+    weight_map = renames if stored == requested and stored else renames.then(layout_map)
+    missing_ok = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    dtype_plan = model._get_dtype_plan(target_dtype) if target_dtype is not None else {}
+    device = _device(device_map)
+    return Prepared(model, local, weight_map, target_dtype, dtype_plan, transforms, missing_ok, device)
+
+
+def resolve_path(path: str | os.PathLike, hub: dict[str, Any]) -> Path:
+    local = Path(path)
+    if hub.get("subfolder"):
+        local = local / hub["subfolder"]
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise LoadError(f"{local} is a file; pass the directory that holds config.json and the weights")
+    try:
+        from huggingface_hub import snapshot_download
+
+        downloaded = snapshot_download(
+            str(path),
+            revision=hub.get("revision"),
+            cache_dir=hub.get("cache_dir"),
+            local_files_only=hub.get("local_files_only", False),
+            token=hub.get("token"),
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+        )
+    except Exception as exc:  # hub errors come in many types; all of them mean "not found here"
+        raise LoadError(
+            f"{path}: not a local directory and not downloadable from the Hub ({type(exc).__name__}: {exc})"
+        ) from None
+    return Path(downloaded) / hub["subfolder"] if hub.get("subfolder") else Path(downloaded)
+
+
+def _load_config(cls: Any, path: Path, config: Any, kwargs: dict[str, Any]) -> Any:
+    from transformers import AutoConfig, PretrainedConfig
+
+    if config is None:
+        if not (path / "config.json").is_file():
+            raise LoadError(f"{path}: no config.json")
+        loader = AutoConfig if hasattr(cls, "_model_mapping") else getattr(cls, "config_class", AutoConfig)
+        config, unused = loader.from_pretrained(path, return_unused_kwargs=True, **kwargs)
+    else:
+        if not isinstance(config, PretrainedConfig):
+            raise LoadError(f"config= must be a transformers PretrainedConfig, got {type(config).__name__}")
+        config = copy.deepcopy(config)
+        unused = {}
+        for key, value in kwargs.items():
+            if hasattr(config, key):
+                setattr(config, key, value)
+            else:
+                unused[key] = value
+    if unused:
+        raise LoadError(
+            f"unknown keyword argument(s) {sorted(unused)}: neither from_pretrained options nor config attributes"
+        )
+    return config
+
+
+def _model_class(cls: Any, config: Any) -> Any:
+    if hasattr(cls, "_model_mapping"):
+        from transformers.models.auto.auto_factory import _get_model_class
+
+        try:
+            return _get_model_class(config, cls._model_mapping)
+        except KeyError:
+            raise LoadError(
+                f"{cls.__name__} has no model class for config type {type(config).__name__}"
+            ) from None
+    return cls
+
+
+def _resolve_dtype(dtype: Any, config: Any, reader: CheckpointReader) -> torch.dtype | None:
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise LoadError(f"unknown dtype {dtype!r}")
+    if dtype is None or dtype == "auto":
+        stored = getattr(config, "dtype", None)
+        if isinstance(stored, str):
+            stored = getattr(torch, stored, None)
+        if isinstance(stored, torch.dtype):
+            return stored
+        floating = [m.dtype for m in reader.metas().values() if m.dtype.is_floating_point]
+        return floating[0] if floating else None
+    if not isinstance(dtype, torch.dtype):
+        raise LoadError(f"dtype must be a torch.dtype, a string or 'auto', got {dtype!r}")
+    return dtype
+
+
+def _device(device_map: Any) -> torch.device | None:
+    if device_map is None or device_map == "cpu":
+        return None
+    if isinstance(device_map, (str, torch.device, int)) and device_map not in (
+        "auto",
+        "balanced",
+        "sequential",
+    ):
+        return torch.device(device_map)
+    raise LoadError(
+        f"device_map={device_map!r} is not supported by splice.from_pretrained; load, then call model.to(device)"
+    )
+
+
+def build_on_meta(
+    model_cls: Any, config: Any, attn_implementation: Any, dtype: torch.dtype | None
+) -> nn.Module:
+    """Construct on the meta device, touching no process-global state (see docs/transformers.md)."""
+    from transformers import monkey_patching
+
+    if monkey_patching.get_patch_mapping():
+        warnings.warn(
+            "transformers has monkey patches registered (transformers.monkey_patching); composite models built now "
+            "will use the patched classes. splice itself never registers any.",
+            stacklevel=3,
+        )
+    config = copy.deepcopy(config)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    configs = _all_configs(config)
+    saved = [(c, getattr(c, "dtype", None)) for c in configs]
+    for c in configs:
+        c.dtype = None  # with a dtype set, composite models call torch.set_default_dtype (process-global)
+    try:
+        with torch.device("meta"):  # a per-thread torch function mode
+            model = model_cls(config)
+    finally:
+        for c, value in saved:
+            c.dtype = value
+    for c in _all_configs(model.config):
+        c.dtype = dtype
+    return model
+
+
+def _all_configs(config: Any) -> list[Any]:
+    out, stack = [], [config]
+    while stack:
+        c = stack.pop()
+        if any(c is o for o in out):
+            continue
+        out.append(c)
+        for name in getattr(c, "sub_configs", {}) or {}:
+            sub = getattr(c, name, None)
+            if sub is not None and hasattr(sub, "to_dict"):
+                stack.append(sub)
+    return out
+
+
+def checkpoint_renames(
+    model: nn.Module, checkpoint_keys: list[str], model_keys: list[str], key_mapping: dict[str, str] | None
+) -> tuple[WeightMap, list[Any]]:
+    """Transformers' own checkpoint-key -> model-key renames for this model, as a WeightMap stage."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model, key_mapping=key_mapping)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    present = dict.fromkeys(model_keys, True)
+    rules = []
+    for key in checkpoint_keys:
+        new, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, present)
+        if new not in present and key in present:
+            new, pattern = rename_source_key(key, [], [], model.base_model_prefix, present)
+        if pattern is not None:
+            converter = next(c for c in converters if pattern in c.source_patterns)
+            raise LoadError(
+                f"{key}: transformers converts this checkpoint key with {type(converter).__name__}"
+                f"({converter.source_patterns} -> {converter.target_patterns}, {converter.operations}); "
+                "splice does not translate that conversion yet"
+            )
+        if new != key:
+            rules.append(Rule((key,), (new,)))
+    return WeightMap.of(rules), transforms
+
+
+def load_step(reader: CheckpointReader, step: Step, dtypes: dict[str, torch.dtype]) -> list[torch.Tensor]:
+    """The step's targets, read from the checkpoint with as few copies as the ops allow."""
+    ops = step.ops
+    metas = step.target_metas
+    direct = (
+        ops is not None
+        and len(ops) <= 1
+        and all(
+            reader.meta(k).dtype == dtypes.get(t, m.dtype)
+            for k in step.sources
+            for t, m in zip(step.targets, metas)
+        )
+    )
+    if direct and not ops:  # a rename: read the bytes straight into the destination
+        outs = [torch.empty(m.shape, dtype=m.dtype) for m in metas]
+        for key, out in zip(step.sources, outs):
+            reader.read_into(key, out)
+        return outs
+    if direct and len(metas) == 1 and hasattr(ops[0], "input_views"):
+        out = torch.empty(metas[0].shape, dtype=metas[0].dtype)
+        for key, view in zip(step.sources, ops[0].input_views(out)):
+            reader.read_into(key, view)
+        return [out]
+    results = step.run([reader.get(k) for k in step.sources])
+    return [r.to(dtypes.get(t, r.dtype)).contiguous() for t, r in zip(step.targets, results)]
+
+
+def set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    path, _, leaf = key.rpartition(".")
+    owner = model.get_submodule(path) if path else model
+    if leaf in owner._parameters:
+        old = owner._parameters[leaf]
+        param = nn.Parameter(
+            tensor, requires_grad=tensor.is_floating_point() and (old is None or old.requires_grad)
+        )
+        param._is_hf_initialized = True
+        owner._parameters[leaf] = param
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = tensor
+    else:
+        raise LoadError(f"the model has no parameter or buffer {key!r}")
+
+
+def _materialize_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers (rotary inv_freq, ...) are computed, not loaded: let transformers compute them."""
+    from transformers import PreTrainedModel
+
+    owners: dict[int, Any] = {}
+    for _, pm in model.named_modules():
+        if isinstance(pm, PreTrainedModel):
+            for _, m in pm.named_modules():
+                owners[id(m)] = pm
+    touched = []
+    for _, module in model.named_modules():
+        meta = [name for name, b in module._buffers.items() if b is not None and b.is_meta]
+        for name in meta:
+            module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
+        if meta:
+            touched.append(module)
+    for module in touched:  # all buffers first: _init_weights fills inv_freq and original_inv_freq together
+        owners[id(module)]._init_weights(module)
+
+
+def _meta_keys(model: nn.Module) -> set[str]:
+    keys = {k for k, p in model.named_parameters(remove_duplicate=False) if p.is_meta}
+    return keys | {k for k, b in model.named_buffers(remove_duplicate=False) if b.is_meta}
+
+
+def _ignored_unexpected(model: nn.Module, key: str) -> bool:
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    patterns |= {r"rotary_emb\.inv_freq", r"(^|\.)position_ids$"}
+    return any(re.search(p, key) for p in patterns)
+
+
+def _load_generation_config(model: nn.Module, path: Path) -> None:
+    if not getattr(model, "can_generate", lambda: False)():
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        model.generation_config = GenerationConfig.from_pretrained(
+            path, config_file_name="config.json", _from_model_config=True
+        )
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# saving
+
+_WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?$")
+
+
+def save_pretrained(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    save_original_format: bool = True,
+    max_shard_size: int | str = "50GB",
+    state_dict: dict[str, torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Save config, generation config and weights; atomically (a crash leaves the old directory whole).
+
+    By default the weights are in the original checkpoint layout (``fusion_config`` is not written),
+    so plain ``transformers`` loads the result. ``save_original_format=False`` writes the runtime
+    layout and records the ``fusion_config`` in config.json; ``splice.from_pretrained`` loads both.
+    Files in the directory that are not weights or configs (tokenizer files, ...) are kept.
+    """
+    if kwargs.pop("safe_serialization", True) is False:
+        raise LoadError(
+            "splice.save_pretrained writes safetensors only (safe_serialization=False is not supported)"
+        )
+    if kwargs:
+        raise LoadError(f"unknown keyword argument(s) for save_pretrained: {sorted(kwargs)}")
+    state = get_state(model)
+    if state_dict is None:
+        gather = getattr(state, "gather_state_dict", None)
+        if gather is not None:  # set by splice.parallel when the model was loaded sharded
+            state_dict = gather(model, original=save_original_format)
+            if state_dict is None:  # not rank 0: it took part in the gather; rank 0 writes
+                return Path(save_directory)
+        else:
+            state_dict = original_state_dict(model) if save_original_format else model.state_dict()
+    tensors = _checkpoint_layout(model, state_dict)
+    metas = {k: TensorMeta.of(t) for k, t in tensors.items()}
+    out = Path(save_directory)
+    with CheckpointWriter(
+        out,
+        metas,
+        max_shard_size=max_shard_size,
+        metadata={"format": "pt"},
+        index_metadata={"total_parameters": _num_parameters(model)},
+    ) as writer:
+        _save_configs(model, writer.staging_dir, state, save_original_format, tensors)
+        _carry_over(out, writer.staging_dir)
+        for key, tensor in tensors.items():
+            writer.write(key, tensor)
+    return out
+
+
+def _checkpoint_layout(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop tied copies and apply transformers' reverse renames, exactly as its save_pretrained does."""
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    sd = dict(state_dict)
+    sd = remove_tied_weights_from_state_dict(sd, model)
+    sd = revert_weight_conversion(model, sd)
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def _num_parameters(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()  # a DTensor reports its global size
+    return total
+
+
+def _save_configs(
+    model: nn.Module, staging: Path, state: SpliceState | None, original: bool, tensors: dict
+) -> None:
+    config = copy.deepcopy(model.config)
+    floating = [t.dtype for t in tensors.values() if t.dtype.is_floating_point]
+    if floating:
+        config.dtype = str(floating[0]).removeprefix("torch.")
+    config.architectures = [type(model).__name__]
+    if not original and state is not None and state.records:
+        setattr(config, CONFIG_KEY, state.config)
+    elif hasattr(config, CONFIG_KEY):
+        delattr(config, CONFIG_KEY)
+    config.save_pretrained(staging)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and getattr(model, "can_generate", lambda: False)():
+        generation_config.save_pretrained(staging)
+
+
+def _carry_over(out: Path, staging: Path) -> None:
+    """Keep the target's other files (tokenizer, README, ...); drop its old weights and configs."""
+    if not out.is_dir():
+        return
+    for item in out.iterdir():
+        if item.name in ("config.json", "generation_config.json") or _WEIGHT_FILE.match(item.name):
+            continue
+        if (staging / item.name).exists():
+            continue
+        try:
+            if item.is_dir():
+                shutil.copytree(item, staging / item.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(item, staging / item.name)
+        except OSError as exc:
+            raise CheckpointError(f"{item}: cannot carry over into the new checkpoint: {exc}") from None
+
+
+def _link_or_copy(src: Any, dst: Any) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+__all__ = ["from_pretrained", "save_pretrained", "original_state_dict"]

@@ -1,0 +1,159 @@
+"""Plugging an optimized forward into a fused module, with the pure-torch fallback as the default.
+
+A fused chain (`splice.fuse_modules`, or the `norm_mlp` family) runs its members one after the other
+unless a kernel is plugged in. A kernel is any callable ``kernel(chain, *args, **kwargs)`` that
+receives the chain module and the first member's inputs and returns the last member's output::
+
+    def my_norm_mlp(chain, x):
+        norm, mlp = (getattr(chain, n) for n in chain.names)
+        return mlp(norm(x))          # replace with a fused implementation
+
+    splice.kernels.register_kernel("my_norm_mlp", my_norm_mlp)
+    splice.kernels.use_kernel(model, "my_norm_mlp")   # or use_kernel(model, my_norm_mlp)
+    splice.kernels.use_kernel(model, None)            # back to the fallback
+
+Kernels are set per module instance; nothing global changes when one is used.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splice.errors import FusionError
+from splice.fusion.chain import FusedChain
+
+Kernel = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str
+    fn: Kernel
+    matches: Callable[[FusedChain], bool]
+    doc: str = ""
+
+
+_KERNELS: dict[str, KernelSpec] = {}
+
+
+def register_kernel(
+    name: str, fn: Kernel, *, matches: Callable[[FusedChain], bool] | None = None, replace: bool = False
+) -> None:
+    """Make ``fn`` usable by name; ``matches(chain)`` says which fused chains it can run."""
+    if name in _KERNELS and not replace:
+        raise FusionError(f"kernel {name!r} is already registered; pass replace=True to override it")
+    _KERNELS[name] = KernelSpec(name, fn, matches or (lambda chain: True), (fn.__doc__ or "").strip())
+
+
+def available_kernels() -> dict[str, str]:
+    return {name: spec.doc.splitlines()[0] if spec.doc else "" for name, spec in _KERNELS.items()}
+
+
+def use_kernel(
+    model: nn.Module, kernel: str | Kernel | None, *, modules: str | Sequence[str] | None = None
+) -> int:
+    """Plug ``kernel`` into the fused chains of ``model`` (all, those matching a regex, or at given paths).
+
+    ``kernel`` is a registered name, ``"auto"`` (the first registered kernel that matches each chain),
+    a callable, or None to go back to the pure-torch fallback. Returns the number of chains changed.
+    """
+    chains = [(p, m) for p, m in model.named_modules() if isinstance(m, FusedChain)]
+    if isinstance(modules, str):
+        chains = [(p, m) for p, m in chains if re.search(modules, p)]
+    elif modules is not None:
+        wanted = {f"{p}.{n}" if p else n for p in modules for n in ("",)} | set(modules)
+        chains = [(p, m) for p, m in chains if p.rpartition(".")[0] in wanted or p in wanted]
+    if not chains:
+        raise FusionError(
+            f"use_kernel: no fused chain found{'' if modules is None else f' at {modules!r}'}; fuse first"
+        )
+    changed = 0
+    for path, chain in chains:
+        if kernel is None:
+            chain.set_kernel(None)
+        elif callable(kernel):
+            chain.set_kernel(kernel, getattr(kernel, "__name__", "custom"))
+        elif kernel == "auto":
+            spec = next((s for s in _KERNELS.values() if s.matches(chain)), None)
+            if spec is None:
+                continue
+            chain.set_kernel(spec.fn, spec.name)
+        else:
+            spec = _KERNELS.get(kernel)
+            if spec is None:
+                raise FusionError(f"unknown kernel {kernel!r}; registered kernels: {sorted(_KERNELS)}")
+            if not spec.matches(chain):
+                raise FusionError(
+                    f"kernel {kernel!r} cannot run the fused chain at {path} ({'+'.join(chain.names)})"
+                )
+            chain.set_kernel(spec.fn, spec.name)
+        changed += 1
+    return changed
+
+
+# --------------------------------------------------------------------------------------------------
+# built-in kernels
+
+
+def _rms_norm_like(module: nn.Module) -> bool:
+    # Llama-style RMSNorm: weight * normalize(x.float()).to(dtype); Gemma's (1 + weight) variant is excluded
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and "gemma" not in type(module).__name__.lower()
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and isinstance(getattr(module, "variance_epsilon", None), float)
+    )
+
+
+def _gated_mlp(module: nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("down_proj", "act_fn")) and (
+        hasattr(module, "gate_up_proj") or all(hasattr(module, a) for a in ("gate_proj", "up_proj"))
+    )
+
+
+def _matches_rms_norm_mlp(chain: FusedChain) -> bool:
+    if len(chain.names) != 2:
+        return False
+    norm, mlp = (getattr(chain, n) for n in chain.names)
+    return _rms_norm_like(norm) and _gated_mlp(mlp)
+
+
+def rms_norm_gated_mlp(chain: FusedChain, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm then a gated MLP, as few kernel launches as plain torch allows (one GEMM for gate+up)."""
+    norm, mlp = (getattr(chain, n) for n in chain.names)
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    h = norm.weight * h.to(dtype)
+    fused = getattr(mlp, "gate_up_proj", None)
+    if fused is not None:
+        gate, up = F.linear(h, fused.weight, fused.bias).chunk(2, dim=-1)
+    else:
+        gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+    return mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+def compiled(chain: FusedChain, *args: Any, **kwargs: Any) -> Any:
+    """The chain's own forward compiled with torch.compile (inductor), once per chain instance."""
+    fn = chain.__dict__.get("_compiled_forward")
+    if fn is None:
+
+        def run(*a: Any, **k: Any) -> Any:
+            out = a
+            for i, name in enumerate(chain.names):
+                out = getattr(chain, name)(*(out if i == 0 else (out,)), **(k if i == 0 else {}))
+            return out
+
+        fn = chain.__dict__["_compiled_forward"] = torch.compile(run, dynamic=True)
+    return fn(*args, **kwargs)
+
+
+register_kernel("rms_norm_gated_mlp", rms_norm_gated_mlp, matches=_matches_rms_norm_mlp)
+register_kernel("compiled", compiled)
