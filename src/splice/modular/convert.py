@@ -90,6 +90,10 @@ class Conversion:
             self._lines = {n: p.start.line for n, p in wrapper.resolve(PositionProvider).items()}
         return self._lines.get(node)
 
+    def _warn(self, node: cst.CSTNode, message: str) -> None:
+        line = self.line_of(node)
+        logger.warning("%s%s: %s", self.path, f":{line}" if line else "", message)
+
     def error(self, message: str, node: cst.CSTNode | None = None) -> ModularError:
         return ModularError(message, self.path, self.line_of(node) if node is not None else None)
 
@@ -322,7 +326,7 @@ class Conversion:
             parent_name = context.swap(source.name)
             if parent_name not in context or context.definition(parent_name).kind != "class":
                 raise self.error(f"{base} is not a class of {source.path.name}", node)
-            node = merge_class(node, context.definition(parent_name).node, base, self._doc_swap)
+            node = merge_class(node, context.definition(parent_name).node, base, self._doc_swap, self._warn)
         self.add(
             out, Definition(definition.name, "class", node, definition.position, str(self.path)), context
         )

@@ -11,11 +11,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import libcst as cst
+from libcst import matchers as m
 
 from splice.modular.names import NameSwap
 from splice.modular.rename import rename_node
 from splice.modular.resolve import dotted_name
-from splice.modular.supercalls import as_block, code, docstring_statement, statements_of, unroll
+from splice.modular.supercalls import (
+    as_block,
+    code,
+    docstring_statement,
+    statements_of,
+    super_call_name,
+    unroll,
+)
 
 
 def common_suffix(a: str, b: str) -> str:
@@ -57,6 +65,10 @@ def _removes_attribute(statement: cst.CSTNode) -> bool:
     small = statement.body[0]
     value = getattr(small, "value", None)
     return isinstance(value, cst.Call) and dotted_name(value.func) == "AttributeError"
+
+
+def _super_call(name: str) -> m.Call:
+    return m.Call(func=m.Attribute(value=m.Call(func=m.Name("super"), args=()), attr=m.Name(name)))
 
 
 def _is_placeholder(statement: cst.CSTNode) -> bool:
@@ -108,6 +120,7 @@ def merge_class(
     parent: cst.ClassDef,
     parent_base: str,
     doc_swap: Callable[[str, str], NameSwap | None],
+    warn: Callable[[cst.CSTNode, str], None] = lambda node, message: None,
 ) -> cst.ClassDef:
     """The parent class with the child's name, attributes and methods merged in."""
     child_name, parent_name = child.name.value, parent.name.value
@@ -138,7 +151,7 @@ def merge_class(
                 replacement = child_methods[key]
                 if is_error_stub(replacement):
                     continue
-                statement = _override(statement, replacement)
+                statement = _override(statement, replacement, warn)
             others.append(statement)
         elif (name := _attribute_name(statement)) is not None:
             attributes[name] = statement
@@ -167,7 +180,15 @@ def merge_class(
     )
 
 
-def _override(parent: cst.FunctionDef, child: cst.FunctionDef) -> cst.FunctionDef:
+def _override(parent: cst.FunctionDef, child: cst.FunctionDef, warn) -> cst.FunctionDef:
+    name = child.name.value
+    if not any(super_call_name(s) == name for s in statements_of(child.body)):
+        for call in m.findall(child.body, _super_call(name)):
+            warn(
+                call,
+                f"super().{name}(...) is not a statement of its own, so it cannot be replaced by the "
+                f"parent's body; it now calls the next base's {name} instead",
+            )
     params = expand_super_kwargs(child, parent)
     merged = child.with_changes(
         params=params,

@@ -3,7 +3,7 @@
 A definition is a top-level class, function or assignment. Two are identical when their ASTs are
 (formatting, comments and import layout do not count). Run directly for a full report:
 
-    python tests/modular/corpus.py [--jobs 2] [--show N] [modular files...]
+    python tests/modular/modular_corpus.py [--jobs 2] [--show N] [modular files...]
 """
 
 from __future__ import annotations
