@@ -14,6 +14,12 @@ def _cmd_modular(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from splice.convert import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splice", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -24,6 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 with a diff if files on disk are stale")
     p.add_argument("--jobs", type=int, default=1, help="files converted in parallel")
     p.set_defaults(func=_cmd_modular)
+
+    p = sub.add_parser("convert", help="convert a safetensors checkpoint to another layout with a weight map")
+    p.add_argument("src", help="checkpoint directory, .safetensors file or .index.json")
+    p.add_argument("dst", help="output directory (replaced atomically; must not overlap SRC)")
+    p.add_argument("--map", default=None, metavar="MAP.json", help="the weight map (JSON)")
+    p.add_argument("--reverse", action="store_true", help="undo a conversion (no --map: the one SRC records)")
+    p.add_argument("--max-shard-size", metavar="SIZE", help="default 5GB; --reverse: the source split")
+    p.add_argument("--strict", action="store_true", help="make unclaimed keys and unused rules errors")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_convert)
     return parser
 
 
