@@ -8,6 +8,7 @@ once per process.
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib.machinery
 import importlib.util
@@ -107,7 +108,12 @@ def parse_source(source: str, path: Path | str) -> cst.Module:
     try:
         return cst.parse_module(source)
     except cst.ParserSyntaxError as exc:
-        raise ModularError(f"not valid Python: {exc.message}", path, exc.raw_line) from None
+        line, reason = exc.raw_line, exc.message
+        try:  # CPython's own message is the one people know
+            ast.parse(source)
+        except SyntaxError as syntax:
+            line, reason = syntax.lineno or line, syntax.msg
+        raise ModularError(f"not valid Python: {reason}", path, line) from None
 
 
 def dotted_name(node: cst.BaseExpression | None) -> str:
