@@ -14,6 +14,7 @@ fused kernel would skip).
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -186,9 +187,10 @@ def plan_chains(model: nn.Module, globs: Sequence[str]) -> tuple[list[str], tupl
             if m is not None:
                 found[m[0]] = path
         if not found:
-            close = difflib.get_close_matches(glob, paths, n=3, cutoff=0.5)
+            general = list(dict.fromkeys(re.sub(r"(?<=\.)\d+(?=\.|$)", "*", p) for p in paths))
+            close = difflib.get_close_matches(glob, general, n=3, cutoff=0.5)
             raise FusionError(
-                f"fuse_modules: pattern {glob!r} matched no module; close module paths: {close or paths[:3]}"
+                f"fuse_modules: pattern {glob!r} matched no module; close module paths: {close or general[:3]}"
             )
         matches.append(found)
     parents: list[str] = []
