@@ -961,3 +961,25 @@ def test_integer_like_indices(tmp_path):
     with CheckpointReader(tmp_path / "w.safetensors") as reader:
         assert_same(reader.get_slice("w")[np.int64(1), torch.tensor(-2), 1:3], weight[1, -2, 1:3])
         assert_same(reader.get_slice("w")[..., np.int32(5)], weight[..., 5])
+
+
+def test_writer_explicit_shard_plan(tmp_path):
+    tensors = {f"t{i}": torch.full((4,), float(i)) for i in range(5)}
+    metas = {k: TensorMeta.of(v) for k, v in tensors.items()}
+    with CheckpointWriter(tmp_path / "out", metas, shards=[["t3", "t0"], ["t1", "t2", "t4"]]) as writer:
+        for k, v in tensors.items():
+            writer.write(k, v)
+    reader = CheckpointReader(tmp_path / "out")
+    assert [reader.file_of(k).name for k in ("t0", "t3", "t1")] == [
+        "model-00001-of-00002.safetensors",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    for plan, message in [
+        ([["t0", "t1"], ["t1", "t2", "t3", "t4"]], r"listed twice: \['t1'\]"),
+        ([["t0", "t1", "t2", "t3"]], r"in no shard: \['t4'\]"),
+        ([["t0", "t1", "t2", "t3", "t4", "t9"]], r"undeclared: \['t9'\]"),
+    ]:
+        with pytest.raises(CheckpointError, match=message):
+            CheckpointWriter(tmp_path / "bad", metas, shards=plan)
+    assert not (tmp_path / "bad").exists()

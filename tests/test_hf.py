@@ -76,6 +76,13 @@ def test_sharded_checkpoint_round_trip(llama_sharded_dir, tmp_path):
     assert same_files(llama_sharded_dir, out) == []
 
 
+def test_a_split_greedy_planning_would_not_reproduce_comes_back_byte_identical(tmp_path):
+    """A fresh model saves its shards in module order; splice remembers each tensor's file."""
+    path = tiny.save(tiny.causal_lm("llama", seed=3), tmp_path / "fresh", max_shard_size="60KB")
+    model = splice.from_pretrained(T.AutoModelForCausalLM, path, fusion_config=FUSED)
+    assert same_files(path, splice.save_pretrained(model, tmp_path / "out")) == []
+
+
 def test_tied_embeddings(tmp_path):
     path = tiny.save(tiny.causal_lm("llama", tie_word_embeddings=True), tmp_path / "tied")
     model = splice.from_pretrained(T.AutoModelForCausalLM, path, fusion_config=FUSED)

@@ -20,14 +20,42 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from splice.demo import run
+
+    return run(args)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from splice.inspection import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splice", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("demo", help="build a small Llama locally, load it fused, check, time and save it")
+    p.add_argument("--workdir", default=None, help="where to put the checkpoints (default: a temp dir)")
+    p.add_argument("--repeat", type=int, default=3, help="timing repeats (median is reported)")
+    p.add_argument("--tokens", type=int, default=32, help="tokens to decode when timing")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("inspect", help="show what each fusion family would do to a model (no weights loaded)")
+    p.add_argument("path", help="a Transformers model directory (config.json)")
+    p.add_argument("--fusion", default=None, help="families (qkv,gate_up) or a JSON fusion config")
+    p.add_argument(
+        "--save-map", default=None, metavar="MAP.json", help="write the checkpoint -> fused weight map"
+    )
+    p.set_defaults(func=_cmd_inspect)
+
     p = sub.add_parser("modular", help="flatten modular_*.py files into standalone modeling files")
     p.add_argument("paths", nargs="+", help="modular_<name>.py files or folders holding them")
     p.add_argument("--output-dir", default=None, help="where to write (default: beside each modular file)")
-    p.add_argument("--check", action="store_true", help="write nothing; exit 1 with a diff if files on disk are stale")
+    p.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 with a diff if files on disk are stale"
+    )
     p.add_argument("--jobs", type=int, default=1, help="files converted in parallel")
     p.set_defaults(func=_cmd_modular)
 

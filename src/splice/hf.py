@@ -100,6 +100,7 @@ def from_pretrained(
         for step in plan.steps:
             for key, tensor in zip(step.targets, load_step(reader, step, prepared.dtypes)):
                 set_tensor(prepared.model, key, tensor)
+        remember_source(prepared.model, reader)
     model = prepared.finish()
     if prepared.device is not None:
         model.to(prepared.device)
@@ -428,6 +429,24 @@ def load_step(reader: CheckpointReader, step: Step, dtypes: dict[str, torch.dtyp
     return [r.to(dtypes.get(t, r.dtype)).contiguous() for t, r in zip(step.targets, results)]
 
 
+SOURCE_ATTR = "_splice_source_layout"
+
+
+def remember_source(model: nn.Module, reader: CheckpointReader) -> None:
+    """Which file held which tensor, so a save in the original layout can use the same split."""
+    files: dict[str, list[str]] = {}
+    for key in reader.keys():
+        files.setdefault(reader.file_of(key).name, []).append(key)
+    model.__dict__[SOURCE_ATTR] = {"files": files, "metas": reader.metas()}
+
+
+def _source_shards(model: nn.Module, metas: dict[str, TensorMeta]) -> list[list[str]] | None:
+    source = model.__dict__.get(SOURCE_ATTR)
+    if source is None or source["metas"] != metas:
+        return None
+    return [keys for _, keys in sorted(source["files"].items())]
+
+
 def set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     path, _, leaf = key.rpartition(".")
     owner = model.get_submodule(path) if path else model
@@ -504,7 +523,7 @@ def save_pretrained(
     save_directory: str | os.PathLike,
     *,
     save_original_format: bool = True,
-    max_shard_size: int | str = "50GB",
+    max_shard_size: int | str | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> Path:
@@ -514,6 +533,8 @@ def save_pretrained(
     so plain ``transformers`` loads the result. ``save_original_format=False`` writes the runtime
     layout and records the ``fusion_config`` in config.json; ``splice.from_pretrained`` loads both.
     Files in the directory that are not weights or configs (tokenizer files, ...) are kept.
+    Unless ``max_shard_size`` is given, a model loaded by splice is split into the files it came
+    from (so the files come back byte for byte); otherwise shards are cut at 50GB as transformers does.
     """
     if kwargs.pop("safe_serialization", True) is False:
         raise LoadError(
@@ -533,10 +554,12 @@ def save_pretrained(
     tensors = _checkpoint_layout(model, state_dict)
     metas = {k: TensorMeta.of(t) for k, t in tensors.items()}
     out = Path(save_directory)
+    shards = _source_shards(model, metas) if save_original_format and max_shard_size is None else None
     with CheckpointWriter(
         out,
         metas,
-        max_shard_size=max_shard_size,
+        max_shard_size=max_shard_size or "50GB",
+        shards=shards,
         metadata={"format": "pt"},
         index_metadata={"total_parameters": _num_parameters(model)},
     ) as writer:

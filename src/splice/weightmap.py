@@ -304,6 +304,35 @@ class WeightMap:
 
         return resolve_map(self, metas)
 
+    def generalize(self, keys: Iterable[str], metas: Mapping[str, TensorMeta] | None = None) -> WeightMap:
+        """Literal per-layer rules folded into ``*`` rules, when that compiles to the same plan on ``keys``.
+
+        A map built from a fused model lists every layer; this gives the readable form
+        (``model.layers.*.self_attn.{q,k,v}_proj.weight -> ...``) without changing what it does.
+        """
+        keys = list(keys)
+        stages = []
+        for stage in self.stages:
+            groups: dict[tuple, list[Rule]] = {}
+            for rule in stage:
+                groups.setdefault(_template(rule), []).append(rule)
+            folded = []
+            for template, rules in groups.items():
+                if template[0] is None or len(rules) < 2:
+                    folded.extend(rules)
+                else:
+                    sources, targets, ops = template
+                    folded.append(Rule(sources, targets, ops))
+            stages.append(tuple(folded))
+        general = WeightMap(tuple(stages))
+        try:
+            same = [str(s) for s in general.compile(keys, metas).steps] == [
+                str(s) for s in self.compile(keys, metas).steps
+            ]
+        except WeightMapError:
+            same = False
+        return general if same else self
+
     def to_runtime(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         plan = self.compile(state_dict, {k: TensorMeta.of(t) for k, t in state_dict.items()})
         return dict(plan.run(state_dict.__getitem__))
@@ -487,3 +516,19 @@ def _resolve_step_ops(
     except TransformError as exc:
         shapes = ", ".join(str(m) for m in metas)
         raise WeightMapError(f"{where}: {exc} (inputs: {shapes})") from None
+
+
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
+
+
+def _template(rule: Rule) -> tuple:
+    """A literal rule with its numeric key components as ``*``: ``(sources, targets, ops)``, or ``(None, rule)``."""
+    patterns = [p.text for p in rule.sources + rule.targets]
+    if not all(p.literal for p in rule.sources + rule.targets):
+        return (None, id(rule))
+    numbers = {tuple(_INDEX.findall(p)) for p in patterns}
+    if len(numbers) != 1 or not next(iter(numbers)):
+        return (None, id(rule))
+    sources = tuple(_INDEX.sub("*", p.text) for p in rule.sources)
+    targets = tuple(_INDEX.sub("*", p.text) for p in rule.targets)
+    return (sources, targets, rule.ops)

@@ -14,7 +14,7 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,8 @@ class CheckpointWriter:
     are gone afterwards. On an exception (or ``abort()``) the staging directory is removed and
     ``out_dir`` is untouched.
 
+    ``shards`` (lists of keys, one per file, in file order) fixes the split instead of ``max_shard_size``;
+    splice uses it to write a checkpoint back with the exact split it was loaded from.
     ``metadata`` goes into every file's ``__metadata__`` (None for none). ``index_metadata`` adds
     entries beside ``total_size`` in the index, e.g. ``{"total_parameters": n}`` as transformers adds.
     """
@@ -141,6 +143,7 @@ class CheckpointWriter:
         metadata: Mapping[str, str] | None = _DEFAULT_METADATA,
         weights_name: str = DEFAULT_WEIGHTS_NAME,
         index_metadata: Mapping[str, Any] | None = None,
+        shards: Sequence[Sequence[str]] | None = None,
     ):
         check_little_endian()
         # Resolve symlinks so that a link to a checkpoint directory gets its target replaced, not itself.
@@ -165,7 +168,12 @@ class CheckpointWriter:
                 f"{where}: weights_name must be a file name ending in .safetensors, found {weights_name!r}"
             )
 
-        plan = plan_shards(self._metas, max_shard_size) or [[]]
+        plan = (
+            _explicit_plan(shards, self._metas, where)
+            if shards is not None
+            else plan_shards(self._metas, max_shard_size)
+        )
+        plan = plan or [[]]
         names = shard_filenames(weights_name, len(plan))
         self._layouts: dict[str, FileLayout] = {}
         self._file_of: dict[str, str] = {}
@@ -338,3 +346,27 @@ def _discard(staging: Path, files: dict[str, RandomAccessFile]) -> None:
     for file in files.values():
         file.close()
     atomic.remove_tree(staging)
+
+
+def _explicit_plan(
+    shards: Sequence[Sequence[str]], metas: Mapping[str, TensorMeta], where: str
+) -> list[list[str]]:
+    plan = [list(keys) for keys in shards]
+    listed = [k for keys in plan for k in keys]
+    duplicated = sorted({k for k in listed if listed.count(k) > 1})
+    unknown = sorted(set(listed) - set(metas))
+    missing = sorted(set(metas) - set(listed))
+    if duplicated or unknown or missing or any(not keys for keys in plan):
+        problems = [
+            f"{name} {keys[:3]}"
+            for name, keys in (
+                ("listed twice:", duplicated),
+                ("undeclared:", unknown),
+                ("in no shard:", missing),
+            )
+            if keys
+        ]
+        raise CheckpointError(
+            f"{where}: the explicit shard plan does not match the tensors ({'; '.join(problems) or 'an empty shard'})"
+        )
+    return plan

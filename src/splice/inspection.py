@@ -1,0 +1,125 @@
+"""`splice inspect PATH`: what each family would fuse in a model, without loading any weight.
+
+The model is built on the meta device from ``config.json`` and fused there, so inspecting a 70B
+checkpoint takes a second and no memory. With ``--save-map`` the resulting weight map (checkpoint
+keys -> runtime keys, sizes resolved from the safetensors headers) is written as JSON, ready for
+``splice convert``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from splice.errors import FusionError, LoadError
+from splice.fusion import FusionReport, fuse, get_state, registered_families
+
+
+def parse_fusion(text: str | None) -> Any:
+    """``qkv,gate_up`` or a JSON fusion config (``{"qkv": {"modules": "layers\\\\.0\\\\."}}``)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.startswith(("{", "[")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise FusionError(f"--fusion is not valid JSON: {exc}") from None
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def inspect_model(path: str | Path, fusion: Any = None) -> dict[str, FusionReport | str]:
+    """Per family: the report of fusing a meta copy of the model, or the reason it does not apply."""
+    import transformers
+
+    from splice.hf import _load_config, _model_class, build_on_meta
+
+    path = Path(path)
+    config = _load_config(transformers.AutoModel, path, None, {})
+    stored = getattr(config, "fusion_config", None)
+    if hasattr(config, "fusion_config"):
+        delattr(config, "fusion_config")
+    cls = _architecture(config) or _model_class(transformers.AutoModel, config)
+    requested = fusion if fusion is not None else stored
+    results: dict[str, FusionReport | str] = {}
+    if requested is not None:
+        model = build_on_meta(cls, config, None, None)
+        results["requested"] = fuse(model, requested)
+        return results
+    for family in registered_families():
+        model = build_on_meta(cls, config, None, None)
+        try:
+            results[family] = fuse(model, [family])
+        except FusionError as exc:
+            results[family] = str(exc).split(": ", 1)[-1]
+    return results
+
+
+def _architecture(config: Any) -> Any:
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console()
+    path = Path(args.path)
+    if not (path / "config.json").is_file():
+        raise LoadError(f"{path}: no config.json (splice inspect reads a Transformers model directory)")
+    fusion = parse_fusion(args.fusion)
+    results = inspect_model(path, fusion)
+    table = Table(title=f"splice inspect {path}", show_lines=False)
+    for column in ("family", "modules", "where", "runtime parameters"):
+        table.add_column(column, overflow="fold")
+    for family, result in results.items():
+        if isinstance(result, FusionReport):
+            for name, count, where, keys in result.rows():
+                table.add_row(name, str(count), where, keys)
+        else:
+            table.add_row(family, "0", "[dim]" + result + "[/dim]", "")
+    console.print(table)
+    if args.save_map:
+        save_map(path, fusion, Path(args.save_map))
+        console.print(
+            f"weight map written to {args.save_map} (use it with: splice convert SRC DST --map {args.save_map})"
+        )
+    return 0
+
+
+def save_map(path: Path, fusion: Any, out: Path) -> None:
+    """Write the checkpoint -> runtime WeightMap for this model and fusion, with sizes resolved."""
+    import transformers
+
+    from splice.checkpoint import CheckpointReader
+    from splice.hf import prepare
+
+    prepared = prepare(
+        transformers.AutoModel if _architecture_of(path) is None else _architecture_of(path),
+        path,
+        fusion_config=fusion or {},
+    )
+    if get_state(prepared.model) is None:
+        raise FusionError("nothing to fuse: pass --fusion")
+    with CheckpointReader(prepared.path) as reader:
+        metas = reader.metas()
+        resolved = prepared.weight_map.resolve(metas).generalize(list(metas), metas)
+    resolved.save(out)
+
+
+def _architecture_of(path: Path) -> Any:
+    import transformers
+
+    config = json.loads((path / "config.json").read_text())
+    for name in config.get("architectures") or []:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    return None
