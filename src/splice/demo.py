@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         fused_decode, _ = _timed(lambda: fused.generate(prompt, **decode), args.repeat)
 
     with console.status("saving the fused model in the original layout..."):
-        splice.save_pretrained(fused, saved, max_shard_size="50MB")
+        splice.save_pretrained(fused, saved)  # split like the source, file by file
     names = sorted(p.name for p in source.iterdir())
     identical = names == sorted(p.name for p in saved.iterdir()) and all(
         filecmp.cmp(source / n, saved / n, shallow=False) for n in names

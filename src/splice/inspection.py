@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,9 @@ def _architecture(config: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
+    console = (
+        Console() if sys.stdout.isatty() else Console(width=200)
+    )  # piped output: one row per line, for grep
     path = Path(args.path)
     if not (path / "config.json").is_file():
         raise LoadError(f"{path}: no config.json (splice inspect reads a Transformers model directory)")
@@ -96,23 +99,41 @@ def run(args: argparse.Namespace) -> int:
 
 
 def save_map(path: Path, fusion: Any, out: Path) -> None:
-    """Write the checkpoint -> runtime WeightMap for this model and fusion, with sizes resolved."""
+    """Write the checkpoint -> fused WeightMap for this model, in the checkpoint's own key naming.
+
+    The fused keys are named as ``save_pretrained(save_original_format=False)`` names them (transformers'
+    reverse renames applied), so only the fused tensors appear in the map, with their sizes resolved.
+    """
     import transformers
 
     from splice.checkpoint import CheckpointReader
     from splice.hf import prepare
+    from splice.weightmap import Rule, WeightMap
 
-    prepared = prepare(
-        transformers.AutoModel if _architecture_of(path) is None else _architecture_of(path),
-        path,
-        fusion_config=fusion or {},
-    )
+    prepared = prepare(_architecture_of(path) or transformers.AutoModel, path, fusion_config=fusion or {})
     if get_state(prepared.model) is None:
         raise FusionError("nothing to fuse: pass --fusion")
     with CheckpointReader(prepared.path) as reader:
         metas = reader.metas()
-        resolved = prepared.weight_map.resolve(metas).generalize(list(metas), metas)
-    resolved.save(out)
+    plan = prepared.weight_map.compile(list(metas), metas)
+    prepared.model._weight_conversions = [t for t in prepared.transforms if t.was_used()]
+    rules = []
+    for step in plan.steps:
+        targets = tuple(_checkpoint_key(prepared.model, key) for key in step.targets)
+        if step.is_rename and targets == step.sources:
+            continue
+        if step.ops is None:
+            raise FusionError(f"cannot express {step} as one rule")
+        rules.append(Rule(step.sources, targets, step.ops))
+    WeightMap.of(rules).generalize(list(metas), metas).save(out)
+
+
+def _checkpoint_key(model: Any, key: str) -> str:
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    (renamed,) = revert_weight_conversion(model, {key: torch.empty(0)})
+    return renamed
 
 
 def _architecture_of(path: Path) -> Any:

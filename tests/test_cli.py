@@ -1,0 +1,108 @@
+"""The `splice` command: inspect, demo, and the error contract shared by every subcommand."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tiny
+import transformers as T
+
+import splice
+from splice.checkpoint import CheckpointReader
+from splice.cli import main
+from splice.transforms import bitwise_equal
+
+SPLICE = str(Path(sys.executable).parent / "splice")
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl_dir(tmp_path_factory):
+    return tiny.save(tiny.qwen2_vl(), tmp_path_factory.mktemp("qwen2vl"))
+
+
+def test_inspect_lists_each_family(qwen2_vl_dir, capsys):
+    assert main(["inspect", str(qwen2_vl_dir)]) == 0
+    out = capsys.readouterr().out
+    for family, count, where in [
+        ("qkv", 2, "model.language_model.layers.*.self_attn"),
+        ("gate_up", 2, "model.language_model.layers.*.mlp"),
+        ("patch_embeddings", 1, "model.visual.patch_embed"),
+        ("qkv_split", 2, "model.visual.blocks.*.attn"),
+    ]:
+        row = next(line for line in out.splitlines() if line.startswith(f"│ {family} "))
+        assert f"│ {count} " in row and where in row
+
+
+def test_inspect_with_fusion_json(qwen2_vl_dir, capsys):
+    assert main(["inspect", str(qwen2_vl_dir), "--fusion", '{"qkv": {"modules": "layers\\\\.0\\\\."}}']) == 0
+    out = capsys.readouterr().out
+    assert "│ qkv " in out and "│ 1 " in out and "gate_up" not in out
+
+
+def test_saved_map_converts_to_what_a_runtime_save_writes(qwen2_vl_dir, tmp_path):
+    fusion = "qkv,gate_up,patch_embeddings"
+    assert (
+        main(["inspect", str(qwen2_vl_dir), "--fusion", fusion, "--save-map", str(tmp_path / "map.json")])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "convert",
+                str(qwen2_vl_dir),
+                str(tmp_path / "converted"),
+                "--map",
+                str(tmp_path / "map.json"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    model = splice.from_pretrained(
+        T.Qwen2VLForConditionalGeneration, qwen2_vl_dir, fusion_config=fusion.split(",")
+    )
+    splice.save_pretrained(model, tmp_path / "runtime", save_original_format=False)
+    converted, runtime = CheckpointReader(tmp_path / "converted"), CheckpointReader(tmp_path / "runtime")
+    assert sorted(converted.keys()) == sorted(runtime.keys())
+    assert "visual.patch_embed.linear_proj.weight" in converted
+    for key in runtime.keys():
+        assert bitwise_equal(converted.get(key), runtime.get(key)), key
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["inspect", "{tmp}"], "no config.json"),
+        (["inspect", "{model}", "--fusion", "{{bad json"], "--fusion is not valid JSON"),
+        (["inspect", "{model}", "--fusion", "qkvv"], "unknown fusion family 'qkvv'"),
+        (["inspect", "{model}", "--fusion", "qkv_split", "--save-map", "{tmp}/m.json"], ""),
+    ],
+)
+def test_errors_are_one_line_with_exit_code_2(qwen2_vl_dir, tmp_path, argv, message):
+    argv = [a.format(tmp=tmp_path, model=qwen2_vl_dir) for a in argv]
+    result = subprocess.run([SPLICE, *argv], capture_output=True, text=True)
+    if not message:
+        assert result.returncode == 0, result.stderr
+        return
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"splice {argv[0]}: error: ") and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = subprocess.run(
+        [SPLICE, "demo", "--workdir", str(tmp_path), "--repeat", "1", "--tokens", "4"],
+        capture_output=True, text=True, timeout=600, env={"COLUMNS": "160", "PATH": str(Path(sys.executable).parent)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    for check in (
+        "max |logits - transformers logits|",
+        "20 greedy tokens identical",
+        "saved files byte-identical",
+    ):
+        line = next(line for line in result.stdout.splitlines() if check in line)
+        assert "yes" in line
+    assert (tmp_path / "saved-original-layout" / "model.safetensors.index.json").is_file()
