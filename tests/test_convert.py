@@ -159,6 +159,7 @@ def test_every_kind_of_step_matches_the_in_memory_map(tmp_path, monkeypatch, dir
         "e": torch.randn(2, 4, generator=g), "f": torch.randn(3, 5, generator=g),
         "g.w": torch.randn(6, 12, generator=g), "h.conv": torch.randn(4, 3, 2, 2, generator=g),
         "i": torch.tensor([True, False]), "untouched": torch.randn(7, generator=g),
+        "scalar": torch.tensor(3.5, dtype=torch.float64), "empty": torch.empty(0, 4, dtype=torch.float16),
     }  # fmt: skip
     save_state_dict(sd, tmp_path / "src")
     wm = WeightMap.parse(GENERAL_RULES)

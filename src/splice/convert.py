@@ -50,7 +50,10 @@ SOURCE_LAYOUT_KEY = "splice.source_layout"
 _WEIGHT_SUFFIXES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 _DIRECT_READS = True
-"""Read concat/stack sources into the fused tensor and split pieces by slice. The benchmark turns it off."""
+"""Read into one reused buffer, concat/stack sources into their place in the result, split pieces by slice.
+Off, each step reads whole sources into new tensors and runs its ops; the benchmark compares the two."""
+
+_Write = Callable[[str, torch.Tensor], None]
 
 
 @dataclass
@@ -146,9 +149,10 @@ def convert_checkpoint(
         ) as writer:
             _copy_other_files(Path(src), writer.staging_dir)
             total = sum(m.nbytes for m in job.metas.values())
+            scratch = _Scratch(plan.steps) if _DIRECT_READS else None
             with _progress_bar(progress, total, f"{Path(src).name} -> {Path(dst).name}") as advance:
                 for step in plan.steps:
-                    _run_step(step, reader, writer.write)
+                    _run_step(step, reader, writer.write, scratch)
                     advance(sum(m.nbytes for m in step.target_metas or ()))
         return ConvertReport(
             out_dir=writer.out_dir,
@@ -325,38 +329,67 @@ def _replay_split(
 # running
 
 
-def _run_step(step: Step, reader: CheckpointReader, write: Callable[[str, torch.Tensor], None]) -> None:
-    ops = step.ops
-    if ops == ():  # a rename, or a key passed through
-        for source, target in zip(step.sources, step.targets):
-            write(target, reader.get(source))
+def _run_step(step: Step, reader: CheckpointReader, write: _Write, scratch: _Scratch | None) -> None:
+    """Read the step's sources, run its ops, write its targets; ``write`` is done with a tensor on return."""
+    if scratch is None or step.source_metas is None or step.target_metas is None:
+        for target, tensor in zip(step.targets, step.run([reader.get(k) for k in step.sources])):
+            write(target, tensor)
         return
-    if _DIRECT_READS and ops is not None and len(ops) == 1:
-        [op] = ops
-        if hasattr(op, "input_views") and len(step.targets) == 1 and step.target_metas:
-            # concat / stack / conv_to_linear: read every source straight into its place in the result
-            out = step.target_metas[0].empty("cpu")
-            for source, view in zip(step.sources, op.input_views(out), strict=True):
-                reader.read_into(source, view)
-            write(step.targets[0], out)
-            return
-        if (
-            isinstance(op, (Split, Unstack))
-            and step.source_metas
-            and op.dim in (0, -len(step.source_metas[0].shape))
-        ):
-            # a split along the first dim: read each piece on its own, one contiguous run of the file
-            source = reader.get_slice(step.sources[0])
-            if isinstance(op, Unstack):
-                pieces = (source[i] for i in range(len(step.targets)))
-            else:
-                starts = [sum(op.sizes[:i]) for i in range(len(op.sizes) + 1)]
-                pieces = (source[a:b] for a, b in zip(starts, starts[1:]))
-            for target, piece in zip(step.targets, pieces):
-                write(target, piece)
-            return
-    for target, tensor in zip(step.targets, step.run([reader.get(k) for k in step.sources])):
-        write(target, tensor)
+    ops = step.ops
+    op = ops[0] if ops is not None and len(ops) == 1 else None
+    if ops == ():  # a rename, or a key passed through
+        for source, target, meta in zip(step.sources, step.targets, step.source_metas):
+            write(target, reader.read_into(source, scratch.take([meta])[0]))
+    elif hasattr(op, "input_views") and len(step.targets) == 1:
+        # concat / stack / conv_to_linear: read every source straight into its place in the result
+        [out] = scratch.take(step.target_metas)
+        for source, view in zip(step.sources, op.input_views(out), strict=True):
+            reader.read_into(source, view)
+        write(step.targets[0], out)
+    elif isinstance(op, (Split, Unstack)) and op.dim in (0, -len(step.source_metas[0].shape)):
+        # a split along the first dim: read each piece on its own, one contiguous run of the file
+        if isinstance(op, Split):
+            starts = [sum(op.sizes[:i]) for i in range(len(op.sizes) + 1)]
+            pieces = [slice(a, b) for a, b in zip(starts, starts[1:])]
+        else:
+            pieces = list(range(len(step.targets)))
+        for target, meta, piece in zip(step.targets, step.target_metas, pieces, strict=True):
+            write(target, reader.read_into(step.sources[0], scratch.take([meta])[0], piece))
+    else:
+        sources = scratch.take(step.source_metas)
+        for key, tensor in zip(step.sources, sources):
+            reader.read_into(key, tensor)
+        for target, tensor in zip(step.targets, step.run(sources)):
+            write(target, tensor)
+
+
+class _Scratch:
+    """One buffer that every step reads into in turn.
+
+    Touching fresh memory is slow (each new page faults in, and a large free hands pages back to the
+    system), so a tensor allocated per step can cost more than its copy. The buffer is sized for the
+    largest step up front but only the pages actually used become resident.
+    """
+
+    ALIGN = 64
+
+    def __init__(self, steps: list[Step]):
+        need = [
+            sum(map(self._span, metas)) for s in steps for metas in (s.source_metas, s.target_metas) if metas
+        ]
+        self._buffer = torch.empty(max(need, default=0), dtype=torch.uint8)
+
+    def _span(self, meta: TensorMeta) -> int:
+        return -(-meta.nbytes // self.ALIGN) * self.ALIGN
+
+    def take(self, metas: tuple[TensorMeta, ...] | list[TensorMeta]) -> list[torch.Tensor]:
+        """Tensors of these shapes and dtypes side by side in the buffer, valid until the next call."""
+        out, offset = [], 0
+        for meta in metas:
+            raw = self._buffer[offset : offset + meta.nbytes]
+            out.append(raw.view(meta.dtype).view(meta.shape))
+            offset += self._span(meta)
+        return out
 
 
 class _progress_bar:
