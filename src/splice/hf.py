@@ -415,11 +415,8 @@ def load_step(reader: CheckpointReader, step: Step, dtypes: dict[str, torch.dtyp
             for t, m in zip(step.targets, metas)
         )
     )
-    if direct and not ops:  # a rename: read the bytes straight into the destination
-        outs = [torch.empty(m.shape, dtype=m.dtype) for m in metas]
-        for key, out in zip(step.sources, outs):
-            reader.read_into(key, out)
-        return outs
+    if direct and not ops:  # a rename: map the file, as transformers does (no copy; pages load on first use)
+        return [reader.map(key) for key in step.sources]
     if direct and len(metas) == 1 and hasattr(ops[0], "input_views"):
         out = torch.empty(metas[0].shape, dtype=metas[0].dtype)
         for key, view in zip(step.sources, ops[0].input_views(out)):

@@ -91,6 +91,8 @@ class CheckpointReader:
         self.index_path: Path | None = None
         self.index_metadata: dict = {}
         self._bytes_read = 0
+        self._bytes_mapped = 0
+        self._storages: dict[Path, torch.UntypedStorage] = {}
         self._lock = threading.Lock()
         self._closed = False
         try:
@@ -232,14 +234,41 @@ class CheckpointReader:
 
     @property
     def bytes_read(self) -> int:
-        """Tensor data bytes read so far (headers excluded)."""
+        """Tensor data bytes read so far (headers excluded); mapped tensors count in ``bytes_mapped``."""
         return self._bytes_read
+
+    @property
+    def bytes_mapped(self) -> int:
+        """Tensor data bytes handed out as file mappings by :meth:`map` (read lazily, on first touch)."""
+        return self._bytes_mapped
 
     # ------------------------------------------------------------------------------------------ reading
 
     def get(self, key: str) -> torch.Tensor:
         """The whole tensor, in freshly allocated memory, holding exactly the stored bytes."""
         return self._read(key, None)
+
+    def map(self, key: str) -> torch.Tensor:
+        """The whole tensor with no copy: a view of a private, copy-on-write mapping of its file.
+
+        Pages are read lazily when first touched (and count towards RSS then); writing to the tensor
+        never changes the file. The mapping outlives ``close()``. This is how transformers keeps
+        weights that need no change; splice uses it for tensors a load only renames.
+        Falls back to :meth:`get` when the tensor's offset is not aligned to its element size.
+        """
+        shard, entry = self._entry(key)
+        meta = entry.meta
+        if entry.start % meta.dtype.itemsize or meta.numel == 0:
+            return self.get(key)
+        storage = self._storages.get(shard.path)
+        if storage is None:
+            size = shard.file.size()
+            storage = self._storages[shard.path] = torch.UntypedStorage.from_file(str(shard.path), False, size)
+        tensor = torch.empty(0, dtype=meta.dtype)
+        tensor.set_(storage, entry.start // meta.dtype.itemsize, meta.shape)
+        with self._lock:
+            self._bytes_mapped += meta.nbytes
+        return tensor
 
     def get_slice(self, key: str) -> TensorSlice:
         """A lazy handle: ``get_slice(key)[a:b, ..., c]`` reads only the selected bytes."""
@@ -323,6 +352,7 @@ class CheckpointReader:
 
     def close(self) -> None:
         self._closed = True
+        self._storages.clear()
         for shard in self._shards.values():
             shard.file.close()
 
