@@ -32,6 +32,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_consolidate(args: argparse.Namespace) -> int:
+    from splice.parallel.consolidate import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splice", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="make unclaimed keys and unused rules errors")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("consolidate", help="rebuild the original checkpoint from TP shards (offline)")
+    p.add_argument("shards_dir", metavar="SHARDS_DIR", help="written by splice.parallel.save_shards")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output directory (replaced atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_consolidate)
     return parser
 
 

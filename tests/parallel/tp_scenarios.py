@@ -1,0 +1,159 @@
+"""What each rank does in the tensor-parallel tests. One spawn per scenario; the parent checks the results.
+
+Ranks start from a forkserver that has already imported torch, transformers and splice, so a
+scenario costs its own work, not four interpreters importing torch on two cores.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PRELOAD = [
+    "torch",
+    "torch.distributed.tensor.parallel",
+    "transformers",
+    "transformers.models.llama.modeling_llama",
+    "splice.hf",
+    "splice.parallel.load",
+    "splice.parallel.shards",
+    "tiny",
+]
+
+
+def spawn(scenario: str, world: int, workdir: Path, **options: Any) -> list[dict[str, Any]]:
+    """Run ``scenario`` on ``world`` ranks (gloo, CPU); returns each rank's results."""
+    import torch.multiprocessing as mp
+
+    multiprocessing.set_forkserver_preload(PRELOAD)
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = workdir / f".store-{scenario}-{world}"
+    if store.exists():
+        store.unlink()
+    mp.start_processes(
+        _main,
+        args=(world, str(store), scenario, str(workdir), options),
+        nprocs=world,
+        start_method="forkserver",
+    )
+    return [torch.load(workdir / f"{scenario}-{world}-rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _main(rank: int, world: int, store: str, scenario: str, workdir: str, options: dict[str, Any]) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        results = SCENARIOS[scenario](rank, world, Path(workdir), **options)
+        torch.save(results, Path(workdir) / f"{scenario}-{world}-rank{rank}.pt")
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _copy(state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    return None if state_dict is None else {k: v.clone() for k, v in state_dict.items()}
+
+
+def _error(function) -> str | None:
+    try:
+        function()
+    except Exception as exc:  # the message is what the test checks
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# scenarios
+
+
+def llama(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tensor, extra_loads: bool) -> dict:
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    import splice
+    from splice.parallel import gather_state_dict, get_parallel_state, save_shards
+
+    out: dict[str, Any] = {}
+    fusion = {"qkv": True, "gate_up": True}
+    model = splice.from_pretrained(AutoModelForCausalLM, source, fusion_config=fusion, tp_plan="auto")
+    parallel = get_parallel_state(model)
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    out["local"] = {
+        "qkv_proj": tuple(attention.qkv_proj.weight.to_local().shape),
+        "qkv_bounds": attention.q_proj.shared.bounds,
+        "num_key_value_groups": attention.num_key_value_groups,
+        "class_untouched": "num_key_value_groups" not in type(attention).__dict__,
+        "gate_up_proj": tuple(mlp.gate_up_proj.weight.to_local().shape),
+        "gate_up_bounds": mlp.gate_proj.shared.bounds,
+        "down_proj": tuple(mlp.down_proj.weight.to_local().shape),
+        "embed": tuple(model.model.embed_tokens.weight.to_local().shape),
+        "norm_is_plain": type(model.model.norm.weight.data) is torch.Tensor,
+    }
+    out["bytes"] = {
+        "total": parallel.bytes_read,
+        "sharded": parallel.sharded_bytes_read,
+        "replicated": parallel.replicated_bytes_read,
+    }
+    with torch.no_grad():
+        out["logits"] = model(ids).logits
+    out["generated"] = model.generate(ids[:1], max_new_tokens=10, do_sample=False, min_new_tokens=10)
+
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    out["loss"] = loss.detach()
+    out["grads"] = _copy(
+        gather_state_dict(model, grads=True)
+    )  # gathered tensors may share memory with the model
+    out["state_dict"] = _copy(gather_state_dict(model))
+    out["runtime_state_dict"] = _copy(gather_state_dict(model, original=False))
+    splice.save_pretrained(model, workdir / f"saved-{world}")
+    dist.barrier()
+    save_shards(model, workdir / f"shards-{world}")
+
+    torch.optim.SGD(model.parameters(), lr=0.5).step()  # replicas must stay equal, padding zero
+    splice.save_pretrained(model, workdir / f"stepped-{world}")
+    dist.barrier()
+
+    if extra_loads:
+        from transformers import DistributedConfig
+
+        model.eval()
+        with torch.no_grad():
+            again = splice.from_pretrained(
+                AutoModelForCausalLM,
+                source,
+                fusion_config=fusion,
+                distributed_config=DistributedConfig(tp_size=world),
+            )
+            out["distributed_config_logits"] = again(ids).logits
+            unfused = splice.from_pretrained(AutoModelForCausalLM, source, fusion_config={}, tp_plan="auto")
+            out["unfused_logits"] = unfused(ids).logits
+            out["unfused_q_proj"] = tuple(unfused.model.layers[0].self_attn.q_proj.weight.to_local().shape)
+
+    if world == 4:
+        # a replica that drifted, and padding that is no longer zero, must stop consolidation
+        k_start = attention.q_proj.shared.bounds[1][0]
+        local = attention.qkv_proj.weight.data.to_local()
+        with torch.no_grad():
+            kept = local[k_start].clone()
+            if rank == 1:
+                local[k_start] += 1.0
+            out["diverged"] = _error(lambda: gather_state_dict(model))
+            local[k_start] = kept
+            gate_up = mlp.gate_up_proj.weight.data.to_local()
+            if rank == world - 1:
+                gate_up[-1] = 1.0
+            out["dirty_padding"] = _error(lambda: gather_state_dict(model))
+    return out
+
+
+SCENARIOS = {"llama": llama}
