@@ -9,8 +9,9 @@ fork/exec inherits the parent's high-water mark at exec, so every child would re
 parent's size.) ``baseline_rss`` is the child's resident size just before the call: the interpreter
 and the function's module imports.
 
-``interleaved(repeats, variants)`` runs every variant once per round, round after round, so that
-noise from other processes on the machine spreads over all variants instead of landing on one.
+``interleaved(repeats, variants)`` runs every variant once per round, round after round and in a
+different order each round, so that noise from other processes on the machine and the after-effects of
+one variant on the next (page-cache reclaim, file-system write-back) spread over all variants.
 
 ``llama_checkpoint(workdir, ...)`` writes (once; later calls reuse it) a Llama-shaped safetensors
 checkpoint with transformers' key names, random weights from a fixed seed, a ``config.json``, and
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -83,11 +85,15 @@ def measure(target: str, /, *, env: dict[str, str] | None = None, **kwargs: obje
 def interleaved(
     repeats: int, variants: dict[str, Callable[[], Measurement]], between: Callable[[], None] = lambda: None
 ) -> dict[str, list[Measurement]]:
-    """Every variant once per round (calling ``between`` after each run), for ``repeats`` rounds."""
+    """Every variant once per round, in a shuffled (seeded) order, calling ``between`` after each run."""
     runs: dict[str, list[Measurement]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, run in variants.items():
-            runs[name].append(run())
+    order = list(variants)
+    shuffle = random.Random(0).shuffle
+    for round_ in range(repeats):
+        if round_:  # the first round keeps the given order; later ones spread order effects around
+            shuffle(order)
+        for name in order:
+            runs[name].append(variants[name]())
             between()
     return runs
 
@@ -206,5 +212,5 @@ def llama_checkpoint(
 
 
 def summarize(runs: list[Measurement]) -> str:
-    """Every run's time, to show how noisy the median is."""
+    """Every run's time in the order run, to show how noisy the median is."""
     return " ".join(f"{m.seconds:.2f}" for m in runs)

@@ -37,6 +37,7 @@ import torch  # noqa: F401  (every variant pays the same imports, so the RSS bas
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     LlamaShape,
+    Measurement,
     human,
     interleaved,
     llama_checkpoint,
@@ -131,6 +132,48 @@ def largest_steps(src: Path, wm: WeightMap) -> tuple[tuple[int, str], tuple[int,
     return overall[:2], fused[:2]
 
 
+def print_round(runs: dict[str, list[Measurement]], source_bytes: int, step_bytes: int) -> None:
+    results = {name: median(measured) for name, measured in runs.items()}
+    fastest = {name: min(m.seconds for m in measured) for name, measured in runs.items()}
+    print(
+        f"{'variant':<28}{'median':>8}{'min':>7}{'GB/s':>7}{'peak RSS':>11}{'over base':>11}   all runs (s)"
+    )
+    for name, m in results.items():
+        print(
+            f"{name:<28}{m.seconds:>7.2f}s{fastest[name]:>6.2f}s{source_bytes / m.seconds / 1e9:>7.2f}"
+            f"{human(m.peak_rss):>11}{human(m.added_rss):>11}   {summarize(runs[name])}"
+        )
+
+    def ratio(a: str, b: str, minus: str | None = None) -> str:
+        """a / b for the medians and for the fastest runs, less ``minus`` from a."""
+        med = (results[a].seconds - (results[minus].seconds if minus else 0)) / results[b].seconds
+        low = (fastest[a] - (fastest[minus] if minus else 0)) / fastest[b]
+        return f"{med:.2f}x median, {low:.2f}x fastest"
+
+    plain, conv = results["safetensors copy"], results["convert"]
+    print(f"  convert / safetensors copy:            {ratio('convert', 'safetensors copy')} (target <= 1.3x)")
+    print(f"  convert --reverse / safetensors copy:  {ratio('convert --reverse', 'safetensors copy')}")
+    print(f"  convert / byte copy:                   {ratio('convert', 'byte copy (cp)')}")
+    print(f"  (convert - plan only) / safetensors:   {ratio('convert', 'safetensors copy', minus=PLAN_ONLY)}")
+    print(f"  direct reads off / on:                 {ratio('convert, direct reads off', 'convert')}")
+    bound = 1.1 * plain.peak_rss + step_bytes
+    print(
+        f"  convert peak RSS {human(conv.peak_rss)} vs safetensors copy {human(plain.peak_rss)}: "
+        f"{conv.peak_rss / plain.peak_rss:.2f}x (target <= 1.1 x copy + largest step = {human(bound)}: "
+        f"{'met' if conv.peak_rss <= bound else 'MISSED'})"
+    )
+    added = {name: human(m.added_rss) for name, m in results.items()}
+    print(
+        f"  RSS added to the {human(plain.baseline_rss)} interpreter + imports: convert {added['convert']} "
+        f"(plan only {added[PLAN_ONLY]}, largest step {human(step_bytes)}), direct reads off "
+        f"{added['convert, direct reads off']}, reverse {added['convert --reverse']}, "
+        f"safetensors copy {added['safetensors copy']}"
+    )
+
+
+PLAN_ONLY = "convert: plan only, no data"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="./bench-out", help="where the checkpoints go (reused)")
@@ -143,26 +186,25 @@ def main() -> None:
     shape = LlamaShape()
     started = time.perf_counter()
     src = llama_checkpoint(workdir, shape, max_shard_size="500MB")
-    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    source_bytes = tree_size(src)
     print(f"checkpoint: {src} ({time.perf_counter() - started:.1f}s to generate or find)")
     print(
-        f"  {shape.parameters / 1e6:.1f}M float32 parameters, {human(tree_size(src))} in {len(shards)} shards; "
-        f"hidden {shape.hidden_size}, intermediate {shape.intermediate_size}, {shape.num_hidden_layers} layers, "
-        f"{shape.num_attention_heads}/{shape.num_key_value_heads} heads, vocab {shape.vocab_size}"
+        f"  {shape.parameters / 1e6:.1f}M float32 parameters, {human(source_bytes)} in "
+        f"{len(list(src.glob('*.safetensors')))} shards; hidden {shape.hidden_size}, intermediate "
+        f"{shape.intermediate_size}, {shape.num_hidden_layers} layers, {shape.num_attention_heads}/"
+        f"{shape.num_key_value_heads} heads, vocab {shape.vocab_size}"
     )
     map_path = workdir / "fuse.json"
     map_path.write_text(json.dumps({"rules": FUSE_RULES}, indent=2) + "\n")
-    wm = WeightMap.load(map_path)
-    (step_bytes, step_name), (fused_bytes, fused_name) = largest_steps(src, wm)
+    (step_bytes, step_name), (fused_bytes, fused_name) = largest_steps(src, WeightMap.load(map_path))
     print(f"  largest step: {human(step_bytes)} ({step_name}, copied unchanged)")
     print(f"  largest fusing step: {human(fused_bytes)} ({fused_name})")
 
     fused = workdir / "fused"  # the input of --reverse
     if not (fused / "model.safetensors").is_file():
         splice.convert.convert_checkpoint(src, fused, map_path, progress=False)
-    print(
-        f"warm-up: read {human(warm_page_cache(src) + warm_page_cache(fused))} so that every read below hits the page cache"
-    )
+    warmed = warm_page_cache(src) + warm_page_cache(fused)
+    print(f"warm-up: read {human(warmed)} so that every read below comes from the page cache")
 
     out = workdir / "out"
 
@@ -171,15 +213,14 @@ def main() -> None:
         os.sync()
 
     cleanup()
-    rounds = ["cache", "durable"] if args.only is None else [args.only]
-    for round_ in rounds:
+    for round_ in ["cache", "durable"] if args.only is None else [args.only]:
         durable = round_ == "durable"
-        title = (
-            "durable: every variant fsyncs its files"
+        what = (
+            "every variant fsyncs its files"
             if durable
-            else "page cache: fsync disabled in every variant"
+            else "page cache only, fsync disabled in every variant"
         )
-        print(f"\n== {title}; median of {args.repeats} ==")
+        print(f"\n== {round_}: {what}; {args.repeats} rounds, variants shuffled each round ==")
         copy = {"src": str(src), "dst": str(out), "durable": durable}
         forward = {**copy, "map_path": str(map_path), "reverse": False}
         variants = {
@@ -187,56 +228,15 @@ def main() -> None:
             "byte copy (cp)": ("copy_bytes", copy),
             "convert": ("convert", {**forward, "direct": True}),
             "convert, direct reads off": ("convert", {**forward, "direct": False}),
-            "convert: plan only, no data": ("plan_only", {"src": str(src), "map_path": str(map_path)}),
-            "convert --reverse": (
-                "convert",
-                {**copy, "src": str(fused), "map_path": None, "reverse": True, "direct": True},
-            ),
+            PLAN_ONLY: ("plan_only", {"src": str(src), "map_path": str(map_path)}),
+            "convert --reverse": ("convert", {**forward, "src": str(fused), "map_path": None, "reverse": True, "direct": True}),
+        }  # fmt: skip
+        calls = {
+            name: lambda f=f, k=k: measure(f"bench_convert:{f}", **k) for name, (f, k) in variants.items()
         }
-        runs = interleaved(
-            args.repeats,
-            {name: lambda f=f, k=k: measure(f"bench_convert:{f}", **k) for name, (f, k) in variants.items()},
-            cleanup,
-        )
-        results = {name: median(measured) for name, measured in runs.items()}
-        print(f"{'variant':<28}{'time':>9}{'GB/s':>8}{'peak RSS':>12}{'over baseline':>15}   all runs (s)")
-        for name, best in results.items():
-            rate = tree_size(src) / best.seconds / 1e9
-            print(
-                f"{name:<28}{best.seconds:>8.2f}s{rate:>8.2f}{human(best.peak_rss):>12}"
-                f"{human(best.added_rss):>15}   {summarize(runs[name])}"
-            )
-        plain, cp = results["safetensors copy"], results["byte copy (cp)"]
-        conv, slow, rev = (
-            results["convert"],
-            results["convert, direct reads off"],
-            results["convert --reverse"],
-        )
-        print(f"  interpreter + imports baseline RSS: {human(plain.baseline_rss)}")
-        print(f"  convert / safetensors copy time:    {conv.seconds / plain.seconds:.2f}x (target <= 1.3x)")
-        print(f"  reverse / safetensors copy time:    {rev.seconds / plain.seconds:.2f}x")
-        print(f"  convert / byte copy time:           {conv.seconds / cp.seconds:.2f}x")
-        print(f"  direct reads off / on time:         {slow.seconds / conv.seconds:.2f}x")
-        bound = 1.1 * plain.peak_rss + step_bytes
-        verdict = "met" if conv.peak_rss <= bound else "MISSED"
-        print(
-            f"  convert peak RSS {human(conv.peak_rss)} vs safetensors copy {human(plain.peak_rss)}: "
-            f"{conv.peak_rss / plain.peak_rss:.2f}x (target <= 1.1 x copy + largest step = {human(bound)}: {verdict})"
-        )
-        print(
-            f"  convert RSS over baseline {human(conv.added_rss)} vs largest step {human(step_bytes)}; "
-            f"direct reads off: {human(slow.added_rss)}; reverse: {human(rev.added_rss)}"
-        )
+        print_round(interleaved(args.repeats, calls, cleanup), source_bytes, step_bytes)
 
-    measure(
-        "bench_convert:convert",
-        src=str(fused),
-        dst=str(out),
-        map_path=None,
-        reverse=True,
-        durable=False,
-        direct=True,
-    )
+    splice.convert.convert_checkpoint(fused, out, None, reverse=True, progress=False)
     same = all(
         (out / p.name).read_bytes() == p.read_bytes() for p in src.iterdir() if not p.name.startswith(".")
     )
