@@ -23,12 +23,13 @@ left as it was.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -392,45 +393,30 @@ class _Scratch:
         return out
 
 
-class _progress_bar:
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callable[[int], None]]:
     """A rich progress bar over bytes written, on stderr when it is a terminal; otherwise silent."""
+    console = None
+    if enabled:
+        from rich.console import Console
 
-    def __init__(self, enabled: bool, total: int, description: str):
-        self._progress = None
-        if enabled:
-            from rich.console import Console
+        console = Console(stderr=True)
+    if console is None or not console.is_terminal:
+        yield lambda n: None
+        return
+    from rich import progress as rich
 
-            console = Console(stderr=True)
-            if console.is_terminal:
-                from rich.progress import (
-                    BarColumn,
-                    DownloadColumn,
-                    Progress,
-                    TextColumn,
-                    TimeRemainingColumn,
-                    TransferSpeedColumn,
-                )
-
-                self._progress = Progress(
-                    TextColumn("{task.description}"),
-                    BarColumn(),
-                    DownloadColumn(),
-                    TransferSpeedColumn(),
-                    TimeRemainingColumn(),
-                    console=console,
-                    transient=True,
-                )
-                self._task = self._progress.add_task(description, total=total)
-
-    def __enter__(self) -> Callable[[int], None]:
-        if self._progress is None:
-            return lambda n: None
-        self._progress.start()
-        return lambda n: self._progress.advance(self._task, n)
-
-    def __exit__(self, *exc_info) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+    columns = (
+        rich.BarColumn(),
+        rich.DownloadColumn(),
+        rich.TransferSpeedColumn(),
+        rich.TimeRemainingColumn(),
+    )
+    with rich.Progress(
+        rich.TextColumn("{task.description}"), *columns, console=console, transient=True
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 # --------------------------------------------------------------------------------------------------
