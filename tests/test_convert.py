@@ -383,6 +383,42 @@ def test_dst_must_not_overlap_src(llama, tmp_path, capsys):
     assert tree_bytes(src) == before and not (src / "sub").exists() and leftovers(tmp_path) == []
 
 
+def test_dst_must_be_new_or_a_checkpoint(llama, tmp_path, capsys):
+    _, root = llama
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    (tmp_path / "file").write_text("")
+    assert cli(root / "single", tmp_path / "notes", "--map", root / "fuse.json") == 2
+    assert capsys.readouterr().err == (
+        f"splice convert: error: refusing to replace DST {tmp_path / 'notes'}: it is a directory that holds "
+        "files but no safetensors checkpoint; remove it or choose a new one\n"
+    )
+    assert cli(root / "single", tmp_path / "file", "--map", root / "fuse.json") == 2
+    assert capsys.readouterr().err.endswith(f"DST {tmp_path / 'file'} exists and is not a directory\n")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()  # an empty directory, or an older checkpoint, is replaced
+    assert cli(root / "single", tmp_path / "empty", "--map", root / "fuse.json", "--quiet") == 0
+    assert cli(root / "sharded", tmp_path / "empty", "--map", root / "fuse.json", "--quiet") == 0
+
+
+def test_the_weights_file_keeps_its_name(llama, tmp_path):
+    state_dict, _ = llama
+    save_state_dict(
+        state_dict, tmp_path / "adapter", weights_name="adapter_model.safetensors", max_shard_size="100KB"
+    )
+    save_state_dict(state_dict, tmp_path / "single", weights_name="adapter_model.safetensors")
+    for form in ("adapter/adapter_model.safetensors.index.json", "single/adapter_model.safetensors"):
+        report = convert_checkpoint(
+            tmp_path / form, tmp_path / "fused", FUSE, max_shard_size="200KB", progress=False
+        )
+        assert report.files == [
+            "adapter_model-00001-of-00002.safetensors",
+            "adapter_model-00002-of-00002.safetensors",
+        ]
+        convert_checkpoint(tmp_path / "fused" / "adapter_model.safetensors.index.json", tmp_path / "back", None, reverse=True, progress=False)  # fmt: skip
+        assert tree_bytes(tmp_path / "back") == tree_bytes((tmp_path / form).parent)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from splice.checkpoint import DTYPE_OF_TAG, TAG_OF_DTYPE, CheckpointReader, CheckpointWriter, plan_shards
+from splice.checkpoint.reader import DEFAULT_WEIGHTS_NAME
 from splice.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
 from splice.errors import CheckpointError, WeightMapError
 from splice.transforms import Split, TensorMeta, Unstack
@@ -146,6 +147,7 @@ def convert_checkpoint(
             job.metas,
             max_shard_size=job.max_shard_size,
             metadata=job.metadata,
+            weights_name=_weights_name(reader),
             index_metadata=job.index_metadata,
         ) as writer:
             _copy_other_files(Path(src), writer.staging_dir)
@@ -424,7 +426,7 @@ def _progress_bar(enabled: bool, total: int, description: str) -> Iterator[Calla
 
 
 def _refuse_overlap(src: Path, dst: Path) -> None:
-    """DST replaces a whole directory on commit, so it must not be, hold, or sit inside SRC."""
+    """DST is replaced as a whole on commit: it must not be, hold, or sit inside SRC, nor be some other folder."""
     real_src, real_dst = Path(os.path.realpath(src)), Path(os.path.realpath(dst))
     root = real_src if real_src.is_dir() or not real_src.name.endswith(".json") else real_src.parent
     if real_dst == root:
@@ -435,6 +437,11 @@ def _refuse_overlap(src: Path, dst: Path) -> None:
         raise CheckpointError(f"refusing to write DST {dst}: it contains SRC {src} and would replace it")
     if real_dst.exists() and not real_dst.is_dir():
         raise CheckpointError(f"DST {dst} exists and is not a directory")
+    if real_dst.is_dir() and not any(real_dst.glob("*.safetensors")) and any(real_dst.iterdir()):
+        raise CheckpointError(
+            f"refusing to replace DST {dst}: it is a directory that holds files but no safetensors "
+            "checkpoint; remove it or choose a new one"
+        )
 
 
 def _refuse_overlap_files(reader: CheckpointReader, dst: Path) -> None:
@@ -444,6 +451,14 @@ def _refuse_overlap_files(reader: CheckpointReader, dst: Path) -> None:
         real = Path(os.path.realpath(file))
         if real_dst == real or real_dst in real.parents:
             raise CheckpointError(f"refusing to write DST {dst}: it holds {file}, which SRC reads")
+
+
+def _weights_name(reader: CheckpointReader) -> str:
+    """The source's file name (``model.safetensors``, ``adapter_model.safetensors``, ...), kept in the output."""
+    if reader.index_path is None:
+        return reader.files[0].name
+    name = reader.index_path.name.removesuffix(".index.json")
+    return name if name.endswith(".safetensors") else DEFAULT_WEIGHTS_NAME
 
 
 def _copy_other_files(src: Path, staging: Path) -> None:
