@@ -274,7 +274,8 @@ def test_sam_split_adapter_round_trips_through_the_original_layout(tmp_path):
     back = sp.load_adapter(_sam_vision_split(), tmp_path)  # onto the split model: q and v again
     before, after = lora_tensors(split), lora_tensors(back)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    as_is = sp.load_adapter(_sam_vision_split(), tmp_path, fuse_lora=True)  # no restore wanted: still exact
+    as_is = sp.load_adapter(_sam_vision_split(), tmp_path, fuse_lora=True)  # one LoRA on qkv: exact too
+    assert as_is.base_model.model.vision_encoder.layers[0].attn.qkv.r["default"] == 8
     torch.testing.assert_close(as_is(pixel_values=pixels).last_hidden_state, out, atol=1e-5, rtol=1e-5)
     all_linear = sp.get_peft_model(_sam_vision_split(), lora(target_modules="all-linear"))
     targeted = {k.split(".lora_A")[0].rpartition(".")[2] for k in lora_tensors(all_linear) if ".lora_A." in k}
@@ -344,6 +345,10 @@ def test_chain_fused_lora_is_saved_under_original_names(tmp_path, fusions):
     vanilla, chain = paired(
         None, config, fused_model=fused, to_original=lambda key: key.replace(".mlp.mlp.", ".mlp.")
     )
+    for model in (vanilla, chain):  # a trained modules_to_save copy, so that losing it would show
+        for name, param in model.named_parameters():
+            if "modules_to_save.default" in name:
+                param.data.mul_(1.5)
     torch.testing.assert_close(logits(chain), logits(vanilla), atol=1e-5, rtol=1e-5)
     sp.save_adapter(chain, tmp_path)
     vanilla.save_pretrained(tmp_path / "vanilla")
@@ -356,6 +361,12 @@ def test_chain_fused_lora_is_saved_under_original_names(tmp_path, fusions):
     ]
     reloaded = PeftModel.from_pretrained(llama(), tmp_path)
     torch.testing.assert_close(logits(reloaded), logits(vanilla), atol=1e-5, rtol=1e-5)
+    fused_again = llama()
+    for family in fusions:
+        splice.fuse(fused_again, [family])
+    back = sp.load_adapter(fused_again, tmp_path)
+    torch.testing.assert_close(logits(back), logits(vanilla), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(logits(back), logits(llama()))
 
 
 def test_config_mapping_both_ways():

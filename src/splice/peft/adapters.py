@@ -283,10 +283,15 @@ def load_adapter(
     """Put a vanilla PEFT adapter (original names) onto a fused or split model; returns the PeftModel.
 
     Each LoRA lands on the module that stands at its original path, so outputs equal vanilla PEFT on
-    the unmodified model. ``fuse_lora=True`` instead stacks the LoRAs of q/k/v (gate/up) into one LoRA
-    on the fused Linear: one GEMM for all A's, rank the sum of theirs, alpha keeping alpha/r; it is for
-    inference (training it would let the zero blocks learn), so it needs ``is_trainable=False``.
-    Given a PeftModel, the adapter is added to it, as ``PeftModel.load_adapter`` does.
+    the unmodified model. Files written by `save_adapter` also record what it stacked or split; onto
+    the layout they were saved from, those LoRAs come back as they were trained (rank-r LoRAs on the
+    split ``q`` and ``v`` rather than one rank-2r LoRA on ``qkv``).
+
+    ``fuse_lora=True`` keeps one LoRA per fused Linear instead: the LoRAs of q/k/v (gate/up) become
+    one LoRA on ``qkv_proj`` (one GEMM for all A's; A stacked, B block-diagonal, rank the sum of
+    theirs, alpha keeping alpha/r). It is for inference (training would let the zero blocks learn),
+    so it needs ``is_trainable=False``. Given a PeftModel, the adapter is added to it, as
+    ``PeftModel.load_adapter`` does.
     """
     import peft
     from peft.utils import set_peft_model_state_dict
@@ -301,6 +306,10 @@ def load_adapter(
     state, metadata = _read(Path(adapter_dir))
     book = AddressBook.of(model)
     loras, others = _by_original_name(state, book)
+    if not loras:
+        raise AdapterError(
+            f"{adapter_dir}: {WEIGHTS_NAME} holds no LoRA tensors (keys like ...lora_A.weight)"
+        )
     specs = {name: _checked_spec(config, name, tensors) for name, tensors in loras.items()}
     weights = {name: _plain_factors(tensors) for name, tensors in loras.items()}
     plan, blocks = plan_runtime(book, specs, weights, metadata, fuse_lora=fuse_lora)

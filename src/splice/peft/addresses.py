@@ -113,11 +113,6 @@ class AddressBook:
             f"close module names: {close_names(name_key, self.original_names)}"
         )
 
-    def group_of(self, address: Address) -> list[Address]:
-        """fused/concat: its blocks' addresses; slice/part: its siblings (itself included), in row order."""
-        whole = self.by_name[address.group] if address.group is not None else address
-        return [self.by_name[n] for n in whole.members]
-
     # -- the walk --------------------------------------------------------------------------------
 
     def _walk(self, module: nn.Module, runtime: str, name: list[str]) -> None:

@@ -1,11 +1,11 @@
-"""LoRA configs in the original namespace and in the runtime one, and the plan between the two.
+"""LoRA configs in the original namespace and in the runtime one.
 
 A user writes a `peft.LoraConfig` against the *original* model: ``target_modules=["q_proj", "v_proj"]``,
 a regex, or ``"all-linear"``; ``rank_pattern``, ``alpha_pattern`` and ``modules_to_save`` by original
 names too. `adapt_peft_config` resolves it the way PEFT would on the original model (PEFT's own
 matching function, run over original paths), then writes a config that selects exactly the same
 modules in the runtime tree, with the same rank and alpha each. `to_original_peft_config` goes back:
-LoRAs on modules the original model lacks become LoRAs on the modules it has (`plan_original`).
+LoRAs on modules the original model lacks become LoRAs on the modules it has (`splice.peft.plan`).
 
 Each rewritten field keeps the user's spelling when it still selects the same thing at runtime, else
 the leaf names, else full paths, so configs stay readable and always exact.
@@ -68,11 +68,11 @@ def select(config: Any, book: AddressBook, *, where: str = "LoraConfig") -> list
             f"read in its original layout, plus the Linears splice split out); its Linear layers are named "
             f"{sorted({n.rpartition('.')[2] for n in linears})}, e.g. {close}"
         )
-    _refuse_overlaps(chosen, book, where)
+    _refuse_overlaps(chosen, where)
     return chosen
 
 
-def _refuse_overlaps(chosen: list[Address], book: AddressBook, where: str) -> None:
+def _refuse_overlaps(chosen: list[Address], where: str) -> None:
     names = {a.name for a in chosen}
     for address in chosen:
         if address.kind in ("fused", "concat"):
@@ -288,9 +288,8 @@ def blocks_of(model: Any, adapter: str | None) -> dict[str, dict[str, Block]]:
     found = {}
     for path, module in model.named_modules():
         layouts = module.__dict__.get("splice_blocks") if isinstance(module, LoraLayer) else None
-        if layouts:
-            if adapter in layouts:
-                found[path.removeprefix("base_model.model.")] = layouts[adapter]
+        if layouts and adapter in layouts:
+            found[path.removeprefix("base_model.model.")] = layouts[adapter]
     return found
 
 

@@ -134,7 +134,8 @@ def plan_runtime(
     done: set[str] = set()
     rslora = next(iter(specs.values())).rslora if specs else False
 
-    for whole_name, parts in metadata.get("stacked", {}).items():  # split parts saved as one stacked LoRA
+    stacked = {} if fuse_lora else metadata.get("stacked", {})  # fuse_lora keeps one LoRA per fused Linear
+    for whole_name, parts in stacked.items():  # split parts saved as one stacked LoRA: restore them
         restored = _restore_parts(book, whole_name, parts, weights, rslora)
         if restored is not None:
             plan.update(restored)
