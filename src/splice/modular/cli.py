@@ -42,6 +42,9 @@ def convert_one(path: Path) -> Result:
         return Result(path, outputs=convert_file(path), warnings=collector.messages)
     except ModularError as exc:
         return Result(path, error=str(exc), warnings=collector.messages)
+    except Exception as exc:  # a converter bug must not take the rest of a batch down with it
+        message = f"{path}: internal error ({type(exc).__name__}: {exc}); please report it with this file"
+        return Result(path, error=message, warnings=collector.messages)
     finally:
         logger.removeHandler(collector)
         logger.propagate = previous_propagate

@@ -26,7 +26,14 @@ from splice.modular.index import Definition, ModuleIndex, names_used
 from splice.modular.merge import common_suffix, merge_class
 from splice.modular.names import NameBook, NameSwap, config_mapping
 from splice.modular.rename import ParentView
-from splice.modular.resolve import dotted_name, is_source_module, locate_absolute, locate_relative, parse_file
+from splice.modular.resolve import (
+    dotted_name,
+    is_source_module,
+    load_index,
+    locate_absolute,
+    locate_relative,
+    parse_file,
+)
 from splice.modular.split import FILE_TYPE_ORDER, MODULAR_NAME, file_type, output_name, split_all
 
 logger = logging.getLogger("splice.modular")
@@ -76,7 +83,7 @@ class Conversion:
     # -- names -------------------------------------------------------------------------------------
     @staticmethod
     def _class_names(index: ModuleIndex) -> set[str]:
-        return {name for name, d in index.definitions.items() if d.kind == "class"}
+        return index.class_names
 
     def _cased(self, snake: str, hints: set[str]) -> str:
         return NameBook(self.mapping, hints).cased(snake)
@@ -90,9 +97,11 @@ class Conversion:
             self._lines = {n: p.start.line for n, p in wrapper.resolve(PositionProvider).items()}
         return self._lines.get(node)
 
-    def _warn(self, node: cst.CSTNode, message: str) -> None:
-        line = self.line_of(node)
-        logger.warning("%s%s: %s", self.path, f":{line}" if line else "", message)
+    def _note(self, node: cst.CSTNode, message: str) -> None:
+        """A debug-level note: corpus files rely on these behaviours on purpose."""
+        if logger.isEnabledFor(logging.DEBUG):
+            line = self.line_of(node)
+            logger.debug("%s%s: %s", self.path, f":{line}" if line else "", message)
 
     def error(self, message: str, node: cst.CSTNode | None = None) -> ModularError:
         return ModularError(message, self.path, self.line_of(node) if node is not None else None)
@@ -164,11 +173,10 @@ class Conversion:
         return self.cased_name
 
     def _parent_cased(self, path: Path) -> str:
-        index = ModuleIndex.build(parse_file(path), str(path))
-        return self._cased(path.parent.name, self._class_names(index))
+        return self._cased(path.parent.name, load_index(path).class_names)
 
     def _view(self, path: Path, prefixes: Counter[str]) -> ParentView:
-        index = ModuleIndex.build(parse_file(path), str(path))
+        index = load_index(path)
         old_snake = path.parent.name
         old_cased = self._parent_cased(path)
         chosen = self._choose_prefix(path, prefixes, old_cased, index)
@@ -211,61 +219,48 @@ class Conversion:
         return NameSwap(old_snake, new_snake, self._cased(old_snake, set()), self._cased(new_snake, set()))
 
     # -- lookups -----------------------------------------------------------------------------------
-    def _modular_definition(self, name: str) -> tuple[Definition, ParentView | None] | None:
+    def _locate(self, name: str, context: ParentView | None) -> tuple[ParentView | None, str] | None:
+        """Where ``name`` is defined for code in ``context``: ``(None, name)`` for the modular file, else
+        ``(view, name in that view)``. The modular file wins, then what it imports, then the parent."""
         definition = self.index.definitions.get(name)
-        if definition is None or name == "__all__":
-            return None
-        if definition.kind == "assignment" and _DOCSTRING_CONSTANT.search(name):
-            value = getattr(definition.node.body[0], "value", None)
-            if isinstance(value, cst.Name) and value.value == "None":
-                for view in self.views.values():
-                    if name in view:
-                        return view.definition(name), view
-        return definition, None
-
-    def lookup(self, name: str, context: ParentView | None) -> tuple[Definition, ParentView | None] | None:
-        found = self._modular_definition(name)
-        if found is not None:
-            return found
+        if definition is not None and name != "__all__":
+            if definition.kind == "assignment" and _DOCSTRING_CONSTANT.search(name):
+                value = getattr(definition.node.body[0], "value", None)
+                if isinstance(value, cst.Name) and value.value == "None":
+                    for view in self.views.values():
+                        if name in view:
+                            return view, name
+            return None, name
         if name in self.imported:
             source = self.imported[name]
             view = self.views[source.path]
-            renamed = view.swap(source.name) if source.name not in view.keep else source.name
-            if renamed == name and name in view:
-                return view.definition(name), view
-            if source.name in view and view.definition(source.name).kind != "class":
-                return view.definition(source.name), view
+            if name in view and view._new(source.name) == name:
+                return view, name
+            if source.name in view and view.meta(source.name).kind != "class":
+                return view, source.name
             return None
         if context is not None and name in context:
-            return context.definition(name), context
+            return context, name
         return None
 
-    def _uses(self, definition: Definition, context: ParentView | None) -> set[str]:
-        if (
-            context is not None
-            and definition.name in context
-            and definition.node is context.definition(definition.name).node
-        ):
-            return context.uses(definition.name)
-        if context is None and self.index.definitions.get(definition.name) is definition:
-            return self.index.uses(definition.name)
-        return names_used(definition.node) - {definition.name}
+    def _meta(self, view: ParentView | None, key: str) -> Definition:
+        return self.index.definitions[key] if view is None else view.meta(key)
 
     def _order(self, name: str, context: ParentView | None) -> tuple:
-        found = self.lookup(name, context)
+        found = self._locate(name, context)
         if found is None:
             return (2, 0, name)
-        definition, view = found
-        return (0 if view is not None else 1, definition.position, name)
+        view, key = found
+        return (0 if view is not None else 1, self._meta(view, key).position, name)
 
     def require(self, out: _Output, name: str, context: ParentView | None) -> None:
         if name in out.definitions or name in out.pending:
             return
-        found = self.lookup(name, context)
+        found = self._locate(name, context)
         if found is None:
             return
-        definition, view = found
-        if definition.kind == "class":
+        view, key = found
+        if self._meta(view, key).kind == "class":
             kind = file_type(name, self.cased_name)
             if kind != out.kind and _copied_across(name, out.kind):
                 out.copies.add(name)
@@ -276,11 +271,14 @@ class Conversion:
                 return
             if view is None and name not in out.copies:
                 return  # a modular class: emitted in its own turn
-        self.add(out, definition, view)
+        if view is None:
+            self.add(out, self.index.definitions[key], self.index.uses(key), None)
+        else:
+            self.add(out, view.definition(key), view.uses(key), view)
 
-    def add(self, out: _Output, definition: Definition, context: ParentView | None) -> None:
+    def add(self, out: _Output, definition: Definition, uses: set[str], context: ParentView | None) -> None:
         out.pending.add(definition.name)
-        for dependency in sorted(self._uses(definition, context), key=lambda n: self._order(n, context)):
+        for dependency in sorted(uses - {definition.name}, key=lambda n: self._order(n, context)):
             self.require(out, dependency, context)
         out.definitions[definition.name] = definition
 
@@ -312,7 +310,9 @@ class Conversion:
             and (n.startswith(self.cased_name) or n in self.index.definitions)
         ]
         kind = kinds[0] if kinds else "modeling"
-        self.add(self.outputs.setdefault(kind, _Output(kind)), definition, None)
+        self.add(
+            self.outputs.setdefault(kind, _Output(kind)), definition, self.index.uses(definition.name), None
+        )
 
     def _convert_class(self, definition: Definition) -> None:
         node: cst.ClassDef = definition.node
@@ -326,10 +326,10 @@ class Conversion:
             parent_name = context.swap(source.name)
             if parent_name not in context or context.definition(parent_name).kind != "class":
                 raise self.error(f"{base} is not a class of {source.path.name}", node)
-            node = merge_class(node, context.definition(parent_name).node, base, self._doc_swap, self._warn)
-        self.add(
-            out, Definition(definition.name, "class", node, definition.position, str(self.path)), context
-        )
+            node = merge_class(node, context.definition(parent_name).node, base, self._doc_swap, self._note)
+        merged = Definition(definition.name, "class", node, definition.position, str(self.path))
+        uses = names_used(node) if base is not None else self.index.uses(definition.name)
+        self.add(out, merged, uses, context)
 
     def _render(self, all_per_file: dict[str, cst.SimpleStatementLine]) -> dict[str, str]:
         license_header = cst.Module(body=[], header=self.module.header).code
@@ -381,3 +381,8 @@ def convert_file(path: str | Path) -> dict[str, str]:
         raise
     except RecursionError:
         raise ModularError("the inheritance or dependency graph is too deep to flatten", path) from None
+    except (cst.CSTValidationError, cst.ParserSyntaxError, SyntaxError) as exc:
+        # Code the converter produced or read did not hold together: say where, not how.
+        raise ModularError(
+            f"cannot flatten this file ({type(exc).__name__}: {exc}); please report it", path
+        ) from exc

@@ -8,11 +8,11 @@ the part of scope analysis that matters here, at a fraction of the cost of libcs
 
 from __future__ import annotations
 
+import ast
+
 import libcst as cst
-from libcst import matchers as m
 
 from splice.modular.index import is_import_line
-from splice.modular.resolve import dotted_name
 
 
 def bound_name(alias: cst.ImportAlias) -> str:
@@ -21,42 +21,42 @@ def bound_name(alias: cst.ImportAlias) -> str:
     return cst.Module([]).code_for_node(alias.name)
 
 
-class _ReadNames(cst.CSTVisitor):
-    """Names the code reads: plain names, dotted chains (``torch.nn.functional``) and the names inside
-    string annotations (``"PreTrainedModel"``)."""
-
-    def __init__(self) -> None:
-        self.names: set[str] = set()
-
-    def visit_Name(self, node: cst.Name) -> None:
-        self.names.add(node.value)
-
-    def visit_Attribute(self, node: cst.Attribute) -> bool:
-        chain = dotted_name(node)
-        if chain:
-            parts = chain.split(".")
-            self.names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-            return False
-        node.value.visit(self)
-        return False
-
-    def visit_Arg(self, node: cst.Arg) -> bool:
-        node.value.visit(self)
-        return False
-
-    def visit_Annotation(self, node: cst.Annotation) -> None:
-        for string in m.findall(node, m.SimpleString()):
-            try:
-                cst.parse_expression(string.evaluated_value).visit(self)
-            except (cst.ParserSyntaxError, TypeError, ValueError):
-                pass
+def _dotted(node: ast.expr) -> str:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return ""
+    return ".".join([node.id, *reversed(parts)])
 
 
 def _used_import_names(body: list[cst.CSTNode]) -> set[str]:
-    reader = _ReadNames()
-    for statement in body:
-        statement.visit(reader)
-    return reader.names
+    """Names the code reads: plain names, dotted chains (``torch.nn.functional``) and the names inside
+    string annotations (``"PreTrainedModel"``)."""
+    tree = ast.parse(cst.Module(body=body).code)
+    names: set[str] = set()
+    annotations: list[ast.expr] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            parts = _dotted(node).split(".")
+            names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1) if parts[0])
+        elif isinstance(node, ast.arg | ast.AnnAssign) and node.annotation is not None:
+            annotations.append(node.annotation)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.returns is not None:
+            annotations.append(node.returns)
+    for annotation in annotations:
+        for inner in ast.walk(annotation):
+            if isinstance(inner, ast.Constant) and isinstance(inner.value, str):
+                try:
+                    names |= {
+                        n.id for n in ast.walk(ast.parse(inner.value, mode="eval")) if isinstance(n, ast.Name)
+                    }
+                except SyntaxError:
+                    pass
+    return names
 
 
 class _Picker:

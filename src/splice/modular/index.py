@@ -1,7 +1,13 @@
-"""What a module defines at top level, what it imports, and which names each definition uses."""
+"""What a module defines at top level, what it imports, and which names each definition uses.
+
+Parent files can be large (a few thousand lines) while a modular file needs a handful of their
+definitions, so a parent is indexed with Python's own fast ``ast`` parser: positions, kinds and used
+names come from there, and a definition is parsed into libcst nodes only when it is actually needed.
+"""
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -10,55 +16,48 @@ import libcst as cst
 Kind = Literal["class", "function", "assignment"]
 
 
-@dataclass
 class Definition:
-    name: str
-    kind: Kind
-    node: cst.CSTNode  # ClassDef, FunctionDef, or the SimpleStatementLine of an assignment
-    position: int  # index among the module's top-level statements
-    origin: str = ""  # the file it comes from, for ordering and messages
+    """A top-level class, function or ``NAME = ...`` assignment of some file."""
+
+    __slots__ = ("name", "kind", "_node", "position", "origin", "source", "ast_uses")
+
+    def __init__(
+        self,
+        name: str,
+        kind: Kind,
+        node: cst.CSTNode | None,
+        position: int,
+        origin: str = "",
+        source: str | None = None,
+        ast_uses: frozenset[str] | None = None,
+    ):
+        self.name = name
+        self.kind = kind
+        self._node = node  # ClassDef, FunctionDef, or the SimpleStatementLine of an assignment
+        self.position = position  # index among the file's top-level statements
+        self.origin = origin  # the file it comes from
+        self.source = source  # its text, parsed on first use when no node was given
+        self.ast_uses = ast_uses  # the names it uses, when known without libcst
+
+    @property
+    def node(self) -> cst.CSTNode:
+        if self._node is None:
+            self._node = cst.parse_statement(self.source)
+        return self._node
 
 
-class _NameCollector(cst.CSTVisitor):
-    """Names a piece of code refers to: not attribute names, keyword names or parameter names."""
-
-    def __init__(self) -> None:
-        self.names: set[str] = set()
-
-    def visit_Name(self, node: cst.Name) -> None:
-        self.names.add(node.value)
-
-    def visit_Attribute(self, node: cst.Attribute) -> bool:
-        node.value.visit(self)
-        return False
-
-    def visit_Arg(self, node: cst.Arg) -> bool:
-        node.value.visit(self)
-        return False
-
-    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
-        # The function's own name is a binding, not a use.
-        for child in (*node.decorators, node.params, node.returns, node.body):
-            if child is not None:
-                child.visit(self)
-        return False
-
-    def visit_ClassDef(self, node: cst.ClassDef) -> bool:
-        for child in (*node.decorators, *node.bases, *node.keywords, node.body):
-            child.visit(self)
-        return False
-
-    def visit_Param(self, node: cst.Param) -> bool:
-        for child in (node.annotation, node.default):
-            if child is not None:
-                child.visit(self)
-        return False
+def ast_names(tree: ast.AST) -> set[str]:
+    """Names read or bound in ``tree``: not attribute, keyword, parameter or definition names."""
+    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
 
 
 def names_used(node: cst.CSTNode) -> set[str]:
-    collector = _NameCollector()
-    node.visit(collector)
-    return collector.names
+    """:func:`ast_names` of a libcst node (rendered, then parsed by CPython: much faster than a visitor)."""
+    text = cst.Module([]).code_for_node(node)
+    try:
+        return ast_names(ast.parse(text))
+    except SyntaxError:  # a fragment that only parses in context; not expected for top-level code
+        return set()
 
 
 def assignment_target(statement: cst.CSTNode) -> str | None:
@@ -90,39 +89,84 @@ def is_guarded_imports(statement: cst.CSTNode) -> bool:
     return any(is_import_line(inner) for inner in statement.body.body)
 
 
+def _ast_kind(node: ast.stmt) -> tuple[str, Kind] | None:
+    if isinstance(node, ast.ClassDef):
+        return node.name, "class"
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return node.name, "function"
+    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        return node.targets[0].id, "assignment"
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+        return node.target.id, "assignment"
+    return None
+
+
+def _ast_imports(node: ast.stmt) -> bool:
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return True
+    if isinstance(node, (ast.If, ast.Try)):
+        return any(isinstance(inner, (ast.Import, ast.ImportFrom)) for inner in node.body)
+    return False
+
+
 @dataclass
 class ModuleIndex:
-    module: cst.Module
     origin: str
+    module: cst.Module | None = None  # the whole file, for the modular file only
     definitions: dict[str, Definition] = field(default_factory=dict)
     imports: list[cst.CSTNode] = field(default_factory=list)
+    class_names: set[str] = field(default_factory=set)
     _uses: dict[str, set[str]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, module: cst.Module, origin: str = "") -> ModuleIndex:
-        index = cls(module, origin)
+        """Index a fully parsed module (the modular file)."""
+        index = cls(origin, module)
         for position, statement in enumerate(module.body):
             if isinstance(statement, cst.ClassDef):
-                index._add(statement.name.value, "class", statement, position)
+                index._add(Definition(statement.name.value, "class", statement, position, origin))
             elif isinstance(statement, cst.FunctionDef):
-                index._add(statement.name.value, "function", statement, position)
+                index._add(Definition(statement.name.value, "function", statement, position, origin))
             elif is_import_line(statement) or is_guarded_imports(statement):
                 index.imports.append(statement)
             else:
                 target = assignment_target(statement)
                 if target is not None:
-                    index._add(target, "assignment", statement, position)
+                    index._add(Definition(target, "assignment", statement, position, origin))
         return index
 
-    def _add(self, name: str, kind: Kind, node: cst.CSTNode, position: int) -> None:
-        previous = self.definitions.get(name)
-        # A redefinition replaces the node but the name keeps the place where it first appeared.
-        self.definitions[name] = Definition(
-            name, kind, node, previous.position if previous else position, self.origin
-        )
+    @classmethod
+    def from_source(cls, source: str, origin: str = "") -> ModuleIndex:
+        """Index a parent file from its text: libcst parses each definition on first use only."""
+        index = cls(origin)
+        lines = source.splitlines(keepends=True)
+        for position, node in enumerate(ast.parse(source).body):
+            start = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", ()))])
+            while start > 1 and lines[start - 2].lstrip().startswith("#"):
+                start -= 1  # comments right above belong to the definition
+            text = "".join(lines[start - 1 : node.end_lineno])
+            if _ast_imports(node):
+                index.imports.append(cst.parse_statement(text))
+                continue
+            found = _ast_kind(node)
+            if found is not None:
+                name, kind = found
+                uses = frozenset(ast_names(node) - {name})
+                index._add(Definition(name, kind, None, position, origin, source=text, ast_uses=uses))
+        return index
+
+    def _add(self, definition: Definition) -> None:
+        previous = self.definitions.get(definition.name)
+        if previous is not None:  # a redefinition replaces the node but keeps the first place
+            definition.position = previous.position
+        self.definitions[definition.name] = definition
+        if definition.kind == "class":
+            self.class_names.add(definition.name)
 
     def uses(self, name: str) -> set[str]:
-        """Top-level names of this module that ``name``'s definition refers to (not itself)."""
+        """Names that ``name``'s definition refers to (not itself)."""
         if name not in self._uses:
-            self._uses[name] = names_used(self.definitions[name].node) - {name}
+            definition = self.definitions[name]
+            found = definition.ast_uses if definition.ast_uses is not None else names_used(definition.node)
+            self._uses[name] = set(found) - {name}
         return self._uses[name]

@@ -120,7 +120,7 @@ def merge_class(
     parent: cst.ClassDef,
     parent_base: str,
     doc_swap: Callable[[str, str], NameSwap | None],
-    warn: Callable[[cst.CSTNode, str], None] = lambda node, message: None,
+    note: Callable[[cst.CSTNode, str], None] = lambda node, message: None,
 ) -> cst.ClassDef:
     """The parent class with the child's name, attributes and methods merged in."""
     child_name, parent_name = child.name.value, parent.name.value
@@ -151,7 +151,7 @@ def merge_class(
                 replacement = child_methods[key]
                 if is_error_stub(replacement):
                     continue
-                statement = _override(statement, replacement, warn)
+                statement = _override(statement, replacement, note)
             others.append(statement)
         elif (name := _attribute_name(statement)) is not None:
             attributes[name] = statement
@@ -180,11 +180,11 @@ def merge_class(
     )
 
 
-def _override(parent: cst.FunctionDef, child: cst.FunctionDef, warn) -> cst.FunctionDef:
+def _override(parent: cst.FunctionDef, child: cst.FunctionDef, note) -> cst.FunctionDef:
     name = child.name.value
     if not any(super_call_name(s) == name for s in statements_of(child.body)):
         for call in m.findall(child.body, _super_call(name)):
-            warn(
+            note(
                 call,
                 f"super().{name}(...) is not a statement of its own, so it cannot be replaced by the "
                 f"parent's body; it now calls the next base's {name} instead",

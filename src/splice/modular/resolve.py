@@ -104,6 +104,23 @@ def parse_file(path: Path) -> cst.Module:
     return _parse_cached(path, path.stat().st_mtime_ns)
 
 
+@functools.lru_cache(maxsize=512)
+def _index_cached(path: Path, mtime_ns: int):
+    from splice.modular.index import ModuleIndex
+
+    source = path.read_text(encoding="utf-8")
+    try:
+        return ModuleIndex.from_source(source, str(path))
+    except SyntaxError as exc:
+        raise ModularError(f"not valid Python: {exc.msg}", path, exc.lineno) from None
+
+
+def load_index(path: Path):
+    """The :class:`~splice.modular.index.ModuleIndex` of a parent file, built once per process."""
+    path = path.resolve()
+    return _index_cached(path, path.stat().st_mtime_ns)
+
+
 def parse_source(source: str, path: Path | str) -> cst.Module:
     try:
         return cst.parse_module(source)

@@ -3,7 +3,7 @@
 The child method's statements before the call come first; then the parent's body, in which an
 attribute the child assigns again after the call is replaced in place and one the child deletes
 (``del self.x``) is dropped; then the child's remaining statements that the parent body does not
-already contain. ``self.post_init()`` stays last and ``super().__init__(...)`` stays first.
+already contain. ``self.post_init()`` stays last.
 """
 
 from __future__ import annotations
@@ -123,20 +123,10 @@ class ExplicitBaseCalls(cst.CSTTransformer):
         return updated_node.with_changes(func=func.with_changes(value=cst.Call(cst.Name("super"))), args=args)
 
 
-def _move_post_init_last(body: list[cst.BaseStatement]) -> list[cst.BaseStatement]:
+def _move_post_init_last(body: list[cst.BaseStatement], text) -> list[cst.BaseStatement]:
     for i, statement in enumerate(body):
-        if "self.post_init(" in normalized(statement) and i < len(body) - 1:
+        if "self.post_init(" in text(statement) and i < len(body) - 1:
             return body[:i] + body[i + 1 :] + [statement]
-    return body
-
-
-def _move_super_init_first(body: list[cst.BaseStatement]) -> list[cst.BaseStatement]:
-    start = 1 if docstring_statement(body) is not None else 0
-    for i, statement in enumerate(body):
-        if i >= start and "super().__init__" in normalized(statement):
-            if i > start:
-                return body[:start] + [statement] + body[start:i] + body[i + 1 :]
-            return body
     return body
 
 
@@ -163,13 +153,20 @@ def unroll(child: cst.FunctionDef, parent: cst.FunctionDef | None) -> cst.Functi
             if target in deleted:
                 continue
             merged.append(reassigned.get(target, statement) if target is not None else statement)
-        seen = {normalized(s) for s in merged}
+        memo: dict[int, str] = {}
+
+        def text(node: cst.CSTNode) -> str:
+            if id(node) not in memo:
+                memo[id(node)] = normalized(node)
+            return memo[id(node)]
+
+        seen = {text(s) for s in merged}
         for statement in after:
-            if deleted_target(statement) is not None or normalized(statement) in seen:
+            if deleted_target(statement) is not None or text(statement) in seen:
                 continue
-            seen.add(normalized(statement))
+            seen.add(text(statement))
             merged.append(statement.visit(explicit))
-        body = before + _move_post_init_last(merged)
+        body = before + _move_post_init_last(merged, text)
     if child_doc is None and parent_doc is not None:
         body = [parent_doc, *body]
     if not body:
