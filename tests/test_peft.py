@@ -434,6 +434,34 @@ def test_merge_and_unload_gives_the_fused_weights_of_merge_then_fuse(safe_merge)
     torch.testing.assert_close(logits(merged), logits(expected))
 
 
+@pytest.mark.parametrize("case", ["qwen2 slices", "sam concat"])
+def test_merge_with_lora_bias_writes_the_rows_of_the_real_weights(case):
+    """LoRA (with a LoRA bias) around a LinearSlice and around a ConcatLinears, merged: bit for bit."""
+    if case == "qwen2 slices":  # q/k/v have biases
+        make, fusion, targets = (lambda: tiny.causal_lm("qwen2")), FUSED, ["q_proj", "k_proj"]
+        run = logits
+    else:
+        make, fusion, targets = tiny.sam_vision, ["qkv_split"], ["qkv", "lin1"]
+        pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+        def run(model):
+            with torch.no_grad():
+                return model(pixel_values=pixels).last_hidden_state
+
+    unfused, fused = make(), make()
+    splice.fuse(fused, fusion)
+    torch.manual_seed(1)
+    vanilla = peft.get_peft_model(unfused, lora(target_modules=targets, lora_bias=True))
+    torch.manual_seed(1)
+    ours = sp.get_peft_model(fused, lora(target_modules=targets, lora_bias=True))
+    torch.testing.assert_close(run(ours), run(vanilla), atol=1e-5, rtol=1e-5)
+    expected = vanilla.merge_and_unload()
+    splice.fuse(expected, fusion)
+    merged = ours.merge_and_unload()
+    want, got = expected.state_dict(), merged.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_merge_of_a_fuse_lora_adapter(tmp_path):
     vanilla = peft.get_peft_model(llama(), lora(target_modules=["q_proj", "v_proj"]))
     vanilla.save_pretrained(tmp_path)
