@@ -418,6 +418,10 @@ def test_multiple_adapters_and_set_adapter(tmp_path):
     fused.load_adapter(tmp_path / "other", adapter_name="third")  # PeftModel API on the fused model
     fused.set_adapter("third")
     torch.testing.assert_close(logits(fused), logits(reloaded), atol=1e-5, rtol=1e-5)
+    assert sp.get_peft_model(fused, lora(target_modules=["gate_proj"]), adapter_name="fourth") is fused
+    assert list(fused.peft_config) == ["default", "other", "third", "fourth"]
+    runtime = fused.peft_config["fourth"]
+    assert sp.adapt_peft_config(fused, runtime) is runtime  # already in the runtime layout
 
 
 @pytest.mark.parametrize("safe_merge", [False, True])

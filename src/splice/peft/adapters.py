@@ -58,10 +58,10 @@ def get_peft_model(
     import peft
 
     config = adapt_peft_config(model, lora_config)
+    _refuse_bypassing_kernels(base_model(model), config)
     if isinstance(model, peft.PeftModel):
-        model.add_adapter(adapter_name, config, **kwargs)
+        type(model).add_adapter(model, adapter_name, config, **kwargs)
         return model
-    _refuse_bypassing_kernels(model, config)
     peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
     _install(peft_model)
     return peft_model
