@@ -97,11 +97,11 @@ class LinearSlice(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         start, stop = self.shared.bounds[self.index]
-        return _base_linear(self.shared.fused).weight[start:stop]
+        return base_layer(self.shared.fused).weight[start:stop]
 
     @property
     def bias(self) -> torch.Tensor | None:
-        bias = _base_linear(self.shared.fused).bias
+        bias = base_layer(self.shared.fused).bias
         start, stop = self.shared.bounds[self.index]
         return None if bias is None else bias[start:stop]
 
@@ -110,8 +110,8 @@ class LinearSlice(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rows [{start}:{stop}] of {self.shared.fused_name}"
 
 
-def _base_linear(module: nn.Module) -> nn.Module:
-    # a LoRA or other wrapper around the fused Linear keeps the real one as base_layer
+def base_layer(module: nn.Module) -> nn.Module:
+    """The module holding the weight, through LoRA and similar wrappers (which keep it as ``base_layer``)."""
     while not hasattr(module, "weight") and hasattr(module, "base_layer"):
         module = module.base_layer
     return module

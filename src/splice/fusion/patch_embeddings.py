@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from splice.fusion.linear import base_layer
 from splice.fusion.spec import FusionOptions, ModuleFusionSpec
 from splice.transforms import ConvToLinear
 from splice.weightmap import Rule
@@ -42,12 +43,12 @@ class ConvAsLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The Linear weight seen with the convolution's shape (a view; code reads its dtype/shape)."""
-        weight = _base(self.linear).weight
+        weight = base_layer(self.linear).weight
         return weight.view(self.out_channels, self.in_channels, *self.kernel_size)
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return _base(self.linear).bias
+        return base_layer(self.linear).bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = len(self.kernel_size)
@@ -75,12 +76,6 @@ class ConvAsLinear(nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, runs {self.fused_name}"
         )
-
-
-def _base(module: nn.Module) -> nn.Module:
-    while not hasattr(module, "weight") and hasattr(module, "base_layer"):
-        module = module.base_layer
-    return module
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from splice.errors import FusionError
+from splice.fusion.linear import base_layer
 from splice.fusion.spec import FusionOptions, ModuleFusionSpec
 from splice.transforms import Split
 from splice.weightmap import Rule
@@ -42,21 +43,15 @@ class ConcatLinears(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The fused weight (a concatenation, computed on access)."""
-        return torch.cat([_base(getattr(self.parent, n)).weight for n in self.names])
+        return torch.cat([base_layer(getattr(self.parent, n)).weight for n in self.names])
 
     @property
     def bias(self) -> torch.Tensor | None:
-        biases = [_base(getattr(self.parent, n)).bias for n in self.names]
+        biases = [base_layer(getattr(self.parent, n)).bias for n in self.names]
         return None if biases[0] is None else torch.cat(biases)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, concatenates {', '.join(self.names)}"
-
-
-def _base(module: nn.Module) -> nn.Module:
-    while not hasattr(module, "weight") and hasattr(module, "base_layer"):
-        module = module.base_layer
-    return module
 
 
 @dataclass(frozen=True)
