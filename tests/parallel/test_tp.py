@@ -207,3 +207,27 @@ def test_world_4_replicated_kv_and_padded_mlp(workdir):
     result = consolidate_offline(broken, workdir / "never")
     assert result.returncode == 2 and "rank-00004-of-00005.safetensors" in result.stderr
     assert not (workdir / "never").exists()
+
+
+def test_world_4_biases_tied_embeddings_uneven_vocabulary(workdir):
+    source = workdir / "source-variants"
+    model = tiny.causal_lm("qwen2", vocab_size=130, tie_word_embeddings=True)
+    tiny.save(model, source)
+    ids = tiny.token_ids(vocab=130)
+    with torch.no_grad():
+        logits = model(ids).logits
+    generated = model.generate(ids[:1], max_new_tokens=10, do_sample=False, min_new_tokens=10)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    ranks = tp_scenarios.spawn("variants", 4, workdir, source=str(source), ids=ids)
+    for rank, out in enumerate(ranks):
+        assert out["tied"]
+        assert out["embed"] == ((33, 64) if rank < 3 else (31, 64))  # 130 rows cut 33/33/33/31, not padded
+        assert out["qkv_bias"] == (48,)  # [q_r | k_r | v_r] biases, kv replicated like the weights
+        torch.testing.assert_close(out["logits"], logits, atol=1e-5, rtol=0)
+        assert torch.equal(out["generated"], generated)
+    for key, param in model.named_parameters():
+        torch.testing.assert_close(ranks[0]["grads"][key], param.grad, atol=2e-6, rtol=1e-4, msg=key)
+    assert same_files(source, workdir / "saved-variants") == ["model.safetensors"]
+    consolidate(workdir / "shards-variants", workdir / "consolidated-variants", progress=False)
+    assert same_files(source, workdir / "consolidated-variants") == ["model.safetensors"]

@@ -156,4 +156,32 @@ def llama(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tenso
     return out
 
 
-SCENARIOS = {"llama": llama}
+def variants(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tensor) -> dict:
+    """Qwen2 (q/k/v biases) with tied embeddings and a vocabulary that does not divide by the ranks."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    import splice
+    from splice.parallel import gather_state_dict, save_shards
+
+    model = splice.from_pretrained(
+        AutoModelForCausalLM, source, fusion_config=["qkv", "gate_up"], tp_plan="auto"
+    )
+    out: dict[str, Any] = {
+        "tied": model.lm_head.weight is model.model.embed_tokens.weight,
+        "embed": tuple(model.model.embed_tokens.weight.to_local().shape),
+        "qkv_bias": tuple(model.model.layers[0].self_attn.qkv_proj.bias.to_local().shape),
+    }
+    with torch.no_grad():
+        out["logits"] = model(ids).logits
+    out["generated"] = model.generate(ids[:1], max_new_tokens=10, do_sample=False, min_new_tokens=10)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    out["grads"] = _copy(gather_state_dict(model, grads=True))
+    splice.save_pretrained(model, workdir / "saved-variants")
+    dist.barrier()
+    save_shards(model, workdir / "shards-variants")
+    return out
+
+
+SCENARIOS = {"llama": llama, "variants": variants}

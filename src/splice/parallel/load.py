@@ -31,7 +31,6 @@ from splice.parallel.layout import chunk_bounds, local_reads
 from splice.parallel.plan import (
     COLUMN,
     EMBEDDING,
-    REPLICATE,
     ROW,
     TPLayout,
     build_layout,
@@ -315,9 +314,17 @@ def parallelize(model: nn.Module, mesh, styles: dict[str, str]) -> None:
     from torch.distributed.tensor.parallel import parallelize_module
 
     plan = {path: torch_style(s) for path, s in styles.items() if s in COLUMN | ROW | EMBEDDING}
+    tied: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
     if plan:
         parallelize_module(model, mesh, plan)
-    assert not (set(styles.values()) - COLUMN - ROW - EMBEDDING - REPLICATE)
+    # the styles wrap each module's parameters anew, which would untie shared ones (embeddings and lm_head)
+    for first, *others in (names for names in tied.values() if len(names) > 1):
+        shared = model.get_parameter(first)
+        for name in others:
+            path, _, leaf = name.rpartition(".")
+            model.get_submodule(path)._parameters[leaf] = shared
 
 
 def sync_replicated_grads(model: nn.Module, layout: TPLayout, mesh) -> list[Any]:

@@ -97,7 +97,7 @@ def gather_state_dict(
     parallel = get_parallel_state(model)
     writer = dist.get_rank() == 0
     gathered: dict[str, torch.Tensor] = {}
-    seen: dict[int, torch.Tensor] = {}
+    seen: dict[int, torch.Tensor | None] = {}
     params = dict(model.named_parameters(remove_duplicate=False))
     for key, tensor in model.state_dict(keep_vars=True).items():
         if grads:
@@ -106,13 +106,14 @@ def gather_state_dict(
             tensor = params[key].grad
             if tensor is None:
                 raise SpliceError(f"{key} has no gradient; run backward() first")
-        if id(tensor) in seen:
+        if id(tensor) in seen:  # tied: gathered once, on every rank alike (the collectives must pair up)
             if writer:
                 gathered[key] = seen[id(tensor)]
             continue
         full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        seen[id(tensor)] = full.detach().cpu() if writer else None
         if writer:
-            gathered[key] = seen[id(tensor)] = full.detach().cpu()
+            gathered[key] = seen[id(tensor)]
         del full
     if not writer:
         return None
