@@ -382,3 +382,53 @@ def test_more_than_one_model_specific_base_is_an_error_with_its_line(tree):
             class ChildBoth(BaseAttention, BaseMLP):
                 pass
         """)
+
+
+def test_statements_before_super_init_follow_the_parents_own_super_init(tree):
+    out = tree('''
+        from ..base.modeling_base import BaseAttention
+
+        class ChildAttention(BaseAttention):
+            def __init__(self, config, layer_idx: int = 0):
+                """Child init."""
+                self.layer_type = config.layer_types[layer_idx]
+                super().__init__(config, layer_idx)
+    ''')
+    assert methods(out["modeling_child.py"], "ChildAttention")["__init__"] == code('''
+        def __init__(self, config, layer_idx: int = 0):
+            """Child init."""
+            super().__init__()
+            self.layer_type = config.layer_types[layer_idx]
+            self.config = config
+            self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+            self.dropout = nn.Dropout(0.1)
+            self.norm = nn.LayerNorm(config.hidden_size)
+    ''')
+
+
+def test_statements_before_super_call_come_first_when_the_parent_does_not_start_with_super(package):
+    root = package(
+        {
+            "models/base/processing_base.py": """
+            class BaseProcessor(ProcessorMixin):
+                def __init__(self, tokenizer=None):
+                    self.image_token = tokenizer.image_token
+                    super().__init__(tokenizer)
+        """,
+            "models/child/modular_child.py": """
+            from ..base.processing_base import BaseProcessor
+
+            class ChildProcessor(BaseProcessor):
+                def __init__(self, tokenizer=None, prefix: str = "Q: "):
+                    self.prefix = prefix
+                    super().__init__(tokenizer)
+        """,
+        }
+    )
+    out = convert_file(root / "models/child/modular_child.py")
+    assert methods(out["processing_child.py"], "ChildProcessor")["__init__"] == code("""
+        def __init__(self, tokenizer=None, prefix: str = "Q: "):
+            self.prefix = prefix
+            self.image_token = tokenizer.image_token
+            super().__init__(tokenizer)
+    """)

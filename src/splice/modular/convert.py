@@ -79,6 +79,7 @@ class Conversion:
         self.views: dict[Path, ParentView] = {}
         self.outputs: dict[str, _Output] = {}
         self._lines: dict[cst.CSTNode, int] | None = None
+        self._flattened: dict[str, tuple[Definition, set[str], ParentView | None]] = {}
 
     # -- names -------------------------------------------------------------------------------------
     @staticmethod
@@ -271,7 +272,9 @@ class Conversion:
                 return
             if view is None and name not in out.copies:
                 return  # a modular class: emitted in its own turn
-        if view is None:
+        if view is None and self.index.definitions[key].kind == "class":
+            self.add(out, *self._flatten(self.index.definitions[key]))
+        elif view is None:
             self.add(out, self.index.definitions[key], self.index.uses(key), None)
         else:
             self.add(out, view.definition(key), view.uses(key), view)
@@ -314,22 +317,28 @@ class Conversion:
             self.outputs.setdefault(kind, _Output(kind)), definition, self.index.uses(definition.name), None
         )
 
-    def _convert_class(self, definition: Definition) -> None:
+    def _flatten(self, definition: Definition) -> tuple[Definition, set[str], ParentView | None]:
+        """A modular class merged into its parent (once), with the names it uses and their context."""
+        if definition.name in self._flattened:
+            return self._flattened[definition.name]
         node: cst.ClassDef = definition.node
-        kind = file_type(definition.name, self.cased_name)
-        out = self.outputs.setdefault(kind, _Output(kind))
         base = self._specific_base(node)
         context = None
         if base is not None:
             source = self.imported[base]
             context = self.views[source.path]
-            parent_name = context.swap(source.name)
-            if parent_name not in context or context.definition(parent_name).kind != "class":
+            parent_name = context._new(source.name)
+            if parent_name not in context or context.meta(parent_name).kind != "class":
                 raise self.error(f"{base} is not a class of {source.path.name}", node)
             node = merge_class(node, context.definition(parent_name).node, base, self._doc_swap, self._note)
         merged = Definition(definition.name, "class", node, definition.position, str(self.path))
         uses = names_used(node) if base is not None else self.index.uses(definition.name)
-        self.add(out, merged, uses, context)
+        self._flattened[definition.name] = (merged, uses, context)
+        return self._flattened[definition.name]
+
+    def _convert_class(self, definition: Definition) -> None:
+        kind = file_type(definition.name, self.cased_name)
+        self.add(self.outputs.setdefault(kind, _Output(kind)), *self._flatten(definition))
 
     def _render(self, all_per_file: dict[str, cst.SimpleStatementLine]) -> dict[str, str]:
         license_header = cst.Module(body=[], header=self.module.header).code

@@ -3,7 +3,8 @@
 The child method's statements before the call come first; then the parent's body, in which an
 attribute the child assigns again after the call is replaced in place and one the child deletes
 (``del self.x``) is dropped; then the child's remaining statements that the parent body does not
-already contain. ``self.post_init()`` stays last.
+already contain. ``self.post_init()`` stays last, and a ``super().__init__(...)`` that opens the parent's body
+still opens the flattened one.
 """
 
 from __future__ import annotations
@@ -148,7 +149,9 @@ def unroll(child: cst.FunctionDef, parent: cst.FunctionDef | None) -> cst.Functi
         reassigned = {assigned_target(s): s for s in after if assigned_target(s) is not None}
         deleted = {deleted_target(s) for s in after if deleted_target(s) is not None}
         merged: list[cst.BaseStatement] = []
-        for statement in parent_body[1:] if parent_doc is not None else parent_body:
+        parent_statements = parent_body[1:] if parent_doc is not None else parent_body
+        parent_first = parent_statements[0] if parent_statements else None
+        for statement in parent_statements:
             target = assigned_target(statement)
             if target in deleted:
                 continue
@@ -166,7 +169,13 @@ def unroll(child: cst.FunctionDef, parent: cst.FunctionDef | None) -> cst.Functi
                 continue
             seen.add(text(statement))
             merged.append(statement.visit(explicit))
-        body = before + _move_post_init_last(merged, text)
+        merged = _move_post_init_last(merged, text)
+        if merged and merged[0] is parent_first and "super().__init__" in text(parent_first):
+            # The parent initializes its own base first; that must still happen before anything else.
+            head = before[:1] if docstring_statement(before) is not None else []
+            body = [*head, merged[0], *before[len(head) :], *merged[1:]]
+        else:
+            body = before + merged
     if child_doc is None and parent_doc is not None:
         body = [parent_doc, *body]
     if not body:
