@@ -145,13 +145,14 @@ def test_dependencies_are_pulled_renamed_and_ordered_before_their_users(tree):
     assert list(found) == [
         "CHILD_INPUTS_DOCSTRING",
         "CHILD_SCALE",
-        "child_helper",
+        "base_helper",
         "ChildMLP",
         "ChildAttention",
         "ChildModel",
     ]
-    assert found["child_helper"] == code('''
-        def child_helper(x):
+    # Shared helper functions keep their names; their bodies are renamed like the rest.
+    assert found["base_helper"] == code('''
+        def base_helper(x):
             """Scales like Child does."""
             return x * CHILD_SCALE
     ''')
@@ -327,14 +328,14 @@ def test_modular_definitions_win_over_the_parent_ones(tree):
     out = tree("""
         from ..base.modeling_base import BaseModel
 
-        def child_helper(x):
+        def base_helper(x):
             return x + 1
 
         class ChildModel(BaseModel):
             pass
     """)
     found = definitions(out["modeling_child.py"])
-    assert found["child_helper"] == code("def child_helper(x):\n    return x + 1")
+    assert found["base_helper"] == code("def base_helper(x):\n    return x + 1")
     assert "CHILD_SCALE" not in found  # only the parent's helper used it
 
 
@@ -366,7 +367,7 @@ def test_mixed_prefixes_warn_with_the_chosen_one(tree, caplog):
                 pass
         """)
     assert "several prefixes (Child, ChildText); using 'ChildText'" in caplog.text
-    assert "child_text_helper" in definitions(out["modeling_child.py"])
+    assert {"ChildTextMLP", "CHILD_TEXT_SCALE"} <= set(definitions(out["modeling_child.py"]))
 
 
 def test_more_than_one_model_specific_base_is_an_error_with_its_line(tree):
@@ -432,3 +433,84 @@ def test_statements_before_super_call_come_first_when_the_parent_does_not_start_
             self.image_token = tokenizer.image_token
             super().__init__(tokenizer)
     """)
+
+
+def test_imported_name_is_renamed_only_when_the_modular_file_provides_the_new_name(package):
+    parent = """
+        from torch import nn
+        from ...modeling_outputs import BaseOutput
+
+
+        class BaseEncoder(nn.Module):
+            def forward(self, x) -> BaseOutput:
+                return BaseOutput(x)
+    """
+    plain = package(
+        {
+            "models/base/modeling_base.py": parent,
+            "models/child/modular_child.py": """
+            from ..base.modeling_base import BaseEncoder
+
+            class ChildEncoder(BaseEncoder):
+                pass
+        """,
+        }
+    )
+    generated = convert_file(plain / "models/child/modular_child.py")["modeling_child.py"]
+    assert "return BaseOutput(x)" in definitions(generated)["ChildEncoder"]
+    assert "from ...modeling_outputs import BaseOutput" in imports(generated)
+
+    aliased = package(
+        {
+            "models/base/modeling_base.py": parent,
+            "models/child/modular_child.py": """
+            from ...modeling_outputs import BaseOutput
+            from ..base.modeling_base import BaseEncoder
+
+            ChildOutput = BaseOutput
+
+            class ChildEncoder(BaseEncoder):
+                pass
+        """,
+        },
+        name="otherpkg",
+    )
+    found = definitions(convert_file(aliased / "models/child/modular_child.py")["modeling_child.py"])
+    assert "return ChildOutput(x)" in found["ChildEncoder"]
+    assert found["ChildOutput"] == code("ChildOutput = BaseOutput")
+
+
+def test_parent_functions_keep_their_names_and_kernel_decorators(package):
+    root = package(
+        {
+            "models/base/modeling_base.py": '''
+            from torch import nn
+            from ...integrations import use_kernel_func_from_hub
+
+
+            @use_kernel_func_from_hub("base_scan", "base_kernels")
+            def base_scan(x):
+                """Scan of the Base model."""
+                return x
+
+
+            class BaseMixer(nn.Module):
+                def forward(self, x):
+                    return base_scan(x)
+        ''',
+            "models/child/modular_child.py": """
+            from ..base.modeling_base import BaseMixer
+
+            class ChildMixer(BaseMixer):
+                pass
+        """,
+        }
+    )
+    found = definitions(convert_file(root / "models/child/modular_child.py")["modeling_child.py"])
+    assert found["base_scan"] == code('''
+        @use_kernel_func_from_hub("base_scan", "base_kernels")
+        def base_scan(x):
+            """Scan of the Child model."""
+            return x
+    ''')
+    assert "return base_scan(x)" in found["ChildMixer"]

@@ -183,7 +183,7 @@ class Conversion:
         chosen = self._choose_prefix(path, prefixes, old_cased, index)
         new_snake = self._snake(chosen) if chosen != self.cased_name else self.model_name
         swap = NameSwap(old_snake, new_snake, old_cased, chosen)
-        return ParentView(index, swap, self.model_name)
+        return ParentView(index, swap, self.model_name, set(self.index.definitions))
 
     def _choose_prefix(self, path: Path, prefixes: Counter[str], old_cased: str, index: ModuleIndex) -> str:
         if not prefixes:

@@ -20,6 +20,7 @@ from splice.modular.resolve import FILE_TYPES
 
 _COPIED_FROM = re.compile(r"#\s*Copied from")
 _FSTRING_MIDDLE = getattr(tokenize, "FSTRING_MIDDLE", -1)
+_DEF_LINE = re.compile(r"^(async[ \t]+)?def[ \t]", re.MULTILINE)
 _SIBLING_FILE = re.compile(rf"^({'|'.join(FILE_TYPES)})_(\w+)$")
 
 
@@ -159,7 +160,10 @@ def _is_sibling_import(statement: cst.CSTNode) -> bool:
 class ParentView:
     """A parent file seen through a rename: definitions are looked up by their new names."""
 
-    def __init__(self, index: ModuleIndex, swap: NameSwap, model_name: str):
+    def __init__(self, index: ModuleIndex, swap: NameSwap, model_name: str, provided: set[str] = frozenset()):
+        """``provided``: names the modular file defines. A name imported from elsewhere keeps its
+        spelling, unless the modular file defines its renamed form (``WavLMBaseModelOutput =
+        Wav2Vec2BaseModelOutput``), which then takes over."""
         self.index = index
         self.swap = swap
         self.origin = index.origin
@@ -167,7 +171,9 @@ class ParentView:
         for statement in index.imports:
             if not _is_sibling_import(statement):
                 kept |= _bound_names(statement)
-        self.keep = frozenset(kept)
+        # Top-level functions keep their names (`mamba2_chunk_scan` stays): they are shared helpers.
+        kept |= {name for name, d in index.definitions.items() if d.kind == "function"}
+        self.keep = frozenset(name for name in kept if swap(name) == name or swap(name) not in provided)
         self.by_new_name = {self._new(name): name for name in index.definitions}
         self.imports = [rename_sibling_import(s, swap, model_name, self.keep) for s in index.imports]
         self._renamed: dict[str, cst.CSTNode] = {}
@@ -188,7 +194,13 @@ class ParentView:
         if new_name not in self._renamed:
             renamed_text = None
             if old.source is not None and not self.swap.is_identity:
-                renamed_text = rename_text(old.source, self.swap, self.keep)
+                head, text = "", old.source
+                if old.kind == "function":
+                    # A function's decorators name external kernels (`"mamba_ssm"`): never renamed.
+                    found = _DEF_LINE.search(text)
+                    head, text = (text[: found.start()], text[found.start() :]) if found else ("", text)
+                renamed = rename_text(text, self.swap, self.keep)
+                renamed_text = head + renamed if renamed is not None else None
             if renamed_text is not None:
                 self._renamed[new_name] = cst.parse_statement(renamed_text)
             else:
