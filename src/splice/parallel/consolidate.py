@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,10 @@ import torch
 
 from splice.checkpoint import DTYPE_OF_TAG, TAG_OF_DTYPE, CheckpointReader, CheckpointWriter
 from splice.errors import CheckpointError, WeightMapError
+from splice.parallel.layout import Read, local_reads, traceable
 from splice.parallel.shards import FORMAT, METADATA_NAME, RANK_KEY, WORLD_KEY
-from splice.transforms import TensorMeta
-from splice.weightmap import WeightMap
+from splice.transforms import TensorMeta, bitwise_equal
+from splice.weightmap import Step, WeightMap
 
 __all__ = ["ConsolidateReport", "consolidate", "run"]
 
@@ -65,28 +66,19 @@ def consolidate(
     readers = open_shards(shards_dir, document, tensors)
     warnings: list[str] = []
     try:
-        metas = {key: t.meta for key, t in tensors.items()}
-        try:
-            inverse = WeightMap.from_dict(document["weight_map"]).invert()
-            plan = inverse.compile(list(metas), metas)
-        except WeightMapError as exc:
-            raise CheckpointError(
-                f"{shards_dir / METADATA_NAME}: its weight_map does not fit its tensors: {exc}"
-            ) from None
-        produced = plan.target_metas
-        source = document.get("source") or {}
-        writer_args, more = _like_source(source, produced)
+        steps, recorded = _plan(document, tensors, shards_dir)
+        dtype_of = {k: tensors[step.targets[0]].meta.dtype for step in steps for k in step.sources}
+        produced = {k: TensorMeta(recorded[k].shape, dtype_of[k]) for step in steps for k in step.sources}
+        writer_args, more = _like_source(document.get("source") or {}, produced)
         warnings += more
         with CheckpointWriter(out, **writer_args) as writer:
             _copy_other_files(shards_dir, writer.staging_dir, document)
             total = sum(m.nbytes for m in produced.values())
             with _progress_bar(progress, total, f"{shards_dir.name} -> {out.name}") as advance:
-                for step in plan.steps:
-                    inputs = [_assemble(readers, key, tensors[key]) for key in step.sources]
-                    for key, tensor in zip(step.targets, step.run(inputs)):
+                for step in steps:
+                    for key, tensor in _rebuild(step, recorded, tensors, readers).items():
                         writer.write(key, tensor)
-                    del inputs
-                    advance(sum(m.nbytes for m in step.target_metas or ()))
+                        advance(tensor.nbytes)
         return ConsolidateReport(
             out_dir=writer.out_dir,
             files=writer.filenames,
@@ -99,6 +91,128 @@ def consolidate(
     finally:
         for reader in readers:
             reader.close()
+
+
+def _plan(
+    document: dict[str, Any], tensors: dict[str, _Tensor], shards_dir: Path
+) -> tuple[list[Step], dict[str, TensorMeta]]:
+    """The checkpoint -> TP-global steps that made the shards, over the source's recorded keys and shapes."""
+    where = shards_dir / METADATA_NAME
+    try:
+        recorded = {
+            key: TensorMeta(tuple(shape), DTYPE_OF_TAG[tag])
+            for key, (tag, shape) in (document.get("source") or {})["tensors"].items()
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: source.tensors is missing or malformed ({exc!r})") from None
+    try:
+        plan = WeightMap.from_dict(document["weight_map"]).compile(list(recorded))
+    except WeightMapError as exc:
+        raise CheckpointError(f"{where}: its weight_map does not fit the source checkpoint: {exc}") from None
+    steps = []
+    for step in plan.steps:
+        held = [t in tensors for t in step.targets]
+        if all(held):
+            steps.append(replace(step, source_metas=tuple(recorded[k] for k in step.sources)))
+        elif any(held):
+            raise CheckpointError(f"{where}: the shards hold only some of {list(step.targets)}")
+    made = {t for step in steps for t in step.targets}
+    stray = [k for k in tensors if k not in made]
+    if stray:
+        raise CheckpointError(f"{where}: its weight_map produces no {stray[:3]}, which the shards hold")
+    return steps, recorded
+
+
+def _rebuild(
+    step: Step, recorded: dict[str, TensorMeta], tensors: dict[str, _Tensor], readers: list[CheckpointReader]
+) -> dict[str, torch.Tensor]:
+    """The step's checkpoint tensors, from the ranks' pieces of its TP-global tensors."""
+    dims = {tensors[t].dim for t in step.targets}
+    if dims == {None} and step.is_rename:
+        return {s: readers[0].get(t) for s, t in zip(step.sources, step.targets)}
+    if len(dims) == 1 and None not in dims:
+        [dim] = dims
+        if traceable(step, dim):
+            return _gather_rows(step, dim, recorded, tensors, readers)
+    # ops that are not pure row moves: the whole TP-global tensors, the step's ops run backwards
+    inputs = [_assemble(readers, t, tensors[t]) for t in step.targets]
+    return dict(zip(step.sources, step.inverted().run(inputs)))
+
+
+def _gather_rows(
+    step: Step,
+    dim: int,
+    recorded: dict[str, TensorMeta],
+    tensors: dict[str, _Tensor],
+    readers: list[CheckpointReader],
+) -> dict[str, torch.Tensor]:
+    """Read every row of the checkpoint tensors once, straight into place; check replicas agree and padding is zero.
+
+    Which rank holds which rows comes from running the step's ops on row numbers (``local_reads``),
+    as the loader does; the rows a step repeats (kv replicas) are compared with the first copy, and
+    the rows it pads are checked to be zero, so nothing is merged or dropped that would be lost.
+    """
+    dtype = tensors[step.targets[0]].meta.dtype
+    outs = {k: torch.empty(recorded[k].shape, dtype=dtype) for k in step.sources}
+    filled = {k: torch.zeros(recorded[k].shape[dim], dtype=torch.bool) for k in step.sources}
+    for target in step.targets:
+        tensor = tensors[target]
+        for rank, bounds in enumerate(tensor.bounds):
+            if bounds[1] == bounds[0]:
+                continue
+            for read in local_reads(step, target, dim, bounds):
+                if read.source is None:
+                    piece = readers[rank].get_slice(target)[_index(dim, read.at, read.at + read.rows)]
+                    if bool((piece != 0).any()):
+                        raise CheckpointError(
+                            f"{target}: rank {rank} holds non-zero values where its piece is padding "
+                            f"(rows {read.at}:{read.at + read.rows} along dim {dim}); dropping them would lose them"
+                        )
+                    continue
+                _place(readers[rank], target, read, dim, outs[read.source], filled[read.source], rank)
+    for key, mask in filled.items():
+        if not bool(mask.all()):
+            missing = int((~mask).nonzero()[0])
+            raise CheckpointError(f"{key}: row {missing} along dim {dim} is in no shard")
+    return outs
+
+
+def _place(
+    reader: CheckpointReader,
+    target: str,
+    read: Read,
+    dim: int,
+    out: torch.Tensor,
+    filled: torch.Tensor,
+    rank: int,
+) -> None:
+    mask = filled[read.start : read.stop]
+    runs = [(0, read.rows, bool(mask[0]))] if bool(mask.all()) or not bool(mask.any()) else _runs(mask)
+    for a, b, seen in runs:
+        index = _index(dim, read.at + a, read.at + b)
+        place = out.narrow(dim, read.start + a, b - a)
+        if not seen:
+            reader.read_into(target, place, index)
+        elif not bitwise_equal(reader.get_slice(target)[index], place):
+            raise CheckpointError(
+                f"{read.source}: rows {read.start + a}:{read.start + b} along dim {dim} are replicated, and rank "
+                f"{rank}'s copy in {target} differs from an earlier rank's; merging the replicas would lose one"
+            )
+    filled[read.start : read.stop] = True
+
+
+def _runs(mask: torch.Tensor) -> list[tuple[int, int, bool]]:
+    runs, start = [], 0
+    values = mask.tolist()
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            runs.append((start, i, values[start]))
+            start = i
+    return runs
+
+
+def _index(dim: int, start: int, stop: int) -> tuple[slice, ...]:
+    return (slice(None),) * dim + (slice(start, stop),)
 
 
 # --------------------------------------------------------------------------------------------------

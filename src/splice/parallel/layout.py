@@ -33,7 +33,6 @@ by running a compiled step's ops on row numbers instead of weights.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -277,19 +276,23 @@ def local_reads(step: Step, target: str, dim: int, bounds: tuple[int, int]) -> l
         names.append((base, key))
         base += meta.shape[dim]
     out = dict(zip(step.targets, step.run(ids)))[target].reshape(-1)
-    lo, hi = bounds
-    rows = out[lo:hi].tolist()
+    rows = out[bounds[0] : bounds[1]]
+    if not rows.numel():
+        return []
+    starts = torch.tensor([b for b, _ in names], dtype=torch.int64)
+    which = torch.searchsorted(starts, (rows - 1).clamp(min=0), right=True) - 1
+    which = torch.where(rows == 0, -1, which)  # -1: padding
+    # a read ends where the source changes or its rows stop being consecutive (padding runs stay together)
+    step_up = rows[1:] - rows[:-1]
+    breaks = (which[1:] != which[:-1]) | ((which[1:] >= 0) & (step_up != 1))
+    firsts = [0, *(torch.nonzero(breaks).reshape(-1) + 1).tolist()]
+    lasts = [*firsts[1:], rows.numel()]
     reads: list[Read] = []
-    starts = [b for b, _ in names]
-    for at, row in enumerate(rows):
-        if row == 0:
-            source, index = None, 0
+    for a, b in zip(firsts, lasts):
+        i = int(which[a])
+        if i < 0:
+            reads.append(Read(None, 0, b - a, a))
         else:
-            i = bisect.bisect_right(starts, row - 1) - 1
-            source, index = names[i][1], row - 1 - starts[i]
-        last = reads[-1] if reads else None
-        if last is not None and last.source == source and (source is None or last.stop == index):
-            reads[-1] = Read(source, last.start, last.stop + 1, last.at)
-        else:
-            reads.append(Read(source, index, index + 1, at))
+            start = int(rows[a]) - 1 - names[i][0]
+            reads.append(Read(names[i][1], start, start + b - a, a))
     return reads

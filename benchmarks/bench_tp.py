@@ -1,0 +1,231 @@
+"""Tensor-parallel loading (tp=2, gloo on CPU) against the single-process splice load, side by side.
+
+    .venv/bin/python benchmarks/bench_tp.py [--workdir ./bench-out] [--tp 2]
+
+On the ~340M-parameter float32 Llama checkpoint of ``_common.llama_checkpoint`` (3 shards, 1.34 GB),
+fused ``qkv`` + ``gate_up``, each variant in fresh processes:
+
+- **single**: ``splice.from_pretrained`` in one process;
+- **tp**: ``splice.from_pretrained(..., tp_plan="auto")`` on ``--tp`` ranks at once.
+
+Reported per process: peak RSS after loading and after a first forward (batch 1, 32 tokens; the
+single-process loader memory-maps the tensors it only renames, so its pages arrive on first use),
+both absolute and above the process's own baseline (interpreter + imports + process group), and the
+checkpoint bytes each rank read. Targets: per-rank RSS <= 0.6x single; bytes read per rank ~= 1/tp.
+
+Then ``splice consolidate`` of the ranks' shards (written by ``splice.parallel.save_shards``) is timed
+against a plain byte copy of the same checkpoint (``shutil.copyfile`` per file), both from a warm page
+cache, and checked to be byte-identical to the source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch  # noqa: F401  (every variant pays the same imports, so the RSS baselines match)
+import torch.distributed.tensor.parallel  # noqa: F401
+import transformers.models.llama.modeling_llama  # noqa: F401
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import LlamaShape, human, llama_checkpoint, measure, tree_size, warm_page_cache  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402, F401
+
+import splice.hf  # noqa: E402, F401
+import splice.parallel.consolidate  # noqa: E402
+import splice.parallel.load  # noqa: E402, F401
+import splice.parallel.shards  # noqa: E402, F401
+
+FUSION = {"qkv": True, "gate_up": True}
+
+_RANK = """
+import json, resource, sys
+sys.path.insert(0, {benchmarks!r})
+import bench_tp
+print("\\n@@rank@@" + json.dumps(bench_tp.tp_rank(*sys.argv[1:])))
+"""
+
+
+def _rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _forward(model) -> None:
+
+    with torch.no_grad():
+        model(torch.arange(3, 35).unsqueeze(0))
+
+
+def single(path: str) -> dict:
+    """Runs in a fresh process (``_common.measure``)."""
+    started = time.perf_counter()
+    model = splice.from_pretrained(AutoModelForCausalLM, path, fusion_config=FUSION)
+    seconds = time.perf_counter() - started
+    loaded = _rss()
+    _forward(model)
+    return {"seconds": seconds, "loaded_rss": loaded, "forward_rss": _rss()}
+
+
+def tp_rank(path: str, shards: str) -> dict:
+    """One rank: load tensor-parallel, one forward, then write this rank's shard."""
+    import torch.distributed as dist
+
+    from splice.parallel import get_parallel_state, save_shards
+
+    dist.init_process_group("gloo")
+    baseline = _rss()
+    started = time.perf_counter()
+    model = splice.from_pretrained(AutoModelForCausalLM, path, fusion_config=FUSION, tp_plan="auto")
+    seconds = time.perf_counter() - started
+    loaded = _rss()
+    _forward(model)
+    forward = _rss()
+    parallel = get_parallel_state(model)
+    save_shards(model, shards)
+    dist.barrier()
+    dist.destroy_process_group()
+    return {
+        "rank": int(os.environ["RANK"]),
+        "seconds": seconds,
+        "baseline_rss": baseline,
+        "loaded_rss": loaded,
+        "forward_rss": forward,
+        "bytes_read": parallel.bytes_read,
+        "sharded_bytes_read": parallel.sharded_bytes_read,
+        "replicated_bytes_read": parallel.replicated_bytes_read,
+    }
+
+
+def run_tp(path: Path, shards: Path, tp: int) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    children = []
+    for rank in range(tp):
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(tp),
+            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // tp)),
+        }
+        code = _RANK.format(benchmarks=str(Path(__file__).resolve().parent))
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code, str(path), str(shards)],
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        )
+    results = []
+    for rank, child in enumerate(children):
+        output = child.stdout.read()
+        child.stdout.close()
+        _, status, usage = os.wait4(child.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0 or "@@rank@@" not in output:
+            raise RuntimeError(f"rank {rank} failed:\n{output[-2000:]}")
+        report = json.loads(output.rsplit("@@rank@@", 1)[1])
+        report["peak_rss"] = usage.ru_maxrss * 1024
+        results.append(report)
+    return results
+
+
+def copy_files(src: str, dst: str) -> None:
+    out = Path(dst)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for path in sorted(Path(src).iterdir()):
+        if path.is_file():
+            shutil.copyfile(path, out / path.name)
+
+
+def read_write_files(src: str, dst: str) -> None:
+    """Each file read into memory, written out and fsynced: the user-space floor of any rewrite."""
+    out = Path(dst)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for path in sorted(Path(src).iterdir()):
+        if path.is_file():
+            data = path.read_bytes()
+            fd = os.open(out / path.name, os.O_CREAT | os.O_WRONLY | os.O_TRUNC)
+            try:
+                view, done = memoryview(data), 0
+                while done < len(view):
+                    done += os.pwrite(fd, view[done : done + (64 << 20)], done)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            del data
+
+
+def consolidate(shards: str, out: str) -> None:
+    splice.parallel.consolidate.consolidate(shards, out, progress=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workdir", default="bench-out")
+    parser.add_argument("--tp", type=int, default=2)
+    args = parser.parse_args()
+    workdir = Path(args.workdir).resolve()
+    shape = LlamaShape()
+    path = llama_checkpoint(workdir, shape)
+    size = tree_size(path)
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    print(f"checkpoint: {shape.parameters / 1e6:.0f}M parameters, fp32, {len(files)} shards, {human(size)}")
+    warm_page_cache(path)
+
+    one = measure("bench_tp:single", path=str(path))
+    shards = workdir / f"tp{args.tp}-shards"
+    ranks = run_tp(path, shards, args.tp)
+    single_load, single_forward = one.result["loaded_rss"], one.result["forward_rss"]
+
+    print(f"\nsingle process: load {one.result['seconds']:.2f} s, baseline {human(one.baseline_rss)}, "
+          f"after load {human(single_load)}, after forward {human(single_forward)} (peak {human(one.peak_rss)})")  # fmt: skip
+    weights = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    for r in ranks:
+        added = r["forward_rss"] - r["baseline_rss"]
+        print(
+            f"tp rank {r['rank']}: load {r['seconds']:.2f} s, baseline {human(r['baseline_rss'])}, "
+            f"after load {human(r['loaded_rss'])}, after forward {human(r['forward_rss'])} "
+            f"(peak {human(r['peak_rss'])}, {human(added)} above baseline)"
+        )
+        print(
+            f"    RSS after forward vs single: {r['forward_rss'] / single_forward:.2f}x absolute, "
+            f"{added / (single_forward - one.baseline_rss):.2f}x above baseline; "
+            f"read {human(r['bytes_read'])} = {r['bytes_read'] / weights:.3f} of the checkpoint "
+            f"(sharded {human(r['sharded_bytes_read'])}, replicated {human(r['replicated_bytes_read'])})"
+        )
+
+    warm_page_cache(shards)
+    out = workdir / f"tp{args.tp}-consolidated"
+    copy = measure("bench_tp:copy_files", src=str(path), dst=str(workdir / "plain-copy"))
+    rewrite = measure("bench_tp:read_write_files", src=str(path), dst=str(workdir / "plain-rewrite"))
+    cons = measure("bench_tp:consolidate", shards=str(shards), out=str(out))
+    identical = all(
+        filecmp.cmp(path / n, out / n, shallow=False) for n in files + ["model.safetensors.index.json"]
+    )
+    print(
+        f"\nconsolidate {args.tp} shards -> {len(list(out.glob('*.safetensors')))} files: {cons.seconds:.2f} s "
+        f"(peak RSS {human(cons.peak_rss)}), byte-identical to the source: {identical}\n"
+        f"    vs byte copy of the checkpoint (shutil.copyfile): {copy.seconds:.2f} s -> {cons.seconds / copy.seconds:.2f}x\n"
+        f"    vs read + write + fsync of its files: {rewrite.seconds:.2f} s -> {cons.seconds / rewrite.seconds:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
