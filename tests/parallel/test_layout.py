@@ -265,3 +265,12 @@ def test_chunk_bounds_cut_like_dtensor_shard(size, tp):
     assert [b - a for a, b in bounds if b > a] == [len(c) for c in chunks]
     x = torch.arange(size * 2).reshape(size, 2)
     assert torch.equal(unshard(shard(x, 0, tp), 0), x)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import splice.parallel.layout
+
+    result = doctest.testmod(splice.parallel.layout, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted >= 5

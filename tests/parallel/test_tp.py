@@ -206,7 +206,34 @@ def test_world_4_replicated_kv_and_padded_mlp(workdir):
         consolidate(broken, workdir / "never")
     result = consolidate_offline(broken, workdir / "never")
     assert result.returncode == 2 and "rank-00004-of-00005.safetensors" in result.stderr
+    (broken / "rank-00004-of-00005.safetensors").unlink()
+
+    # a kv replica that drifted apart, or padding that is not zero, is refused rather than merged or dropped
+    qkv, gate_up = "model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"
+    edit(broken / "rank-00001-of-00004.safetensors", qkv, lambda t: t[16].add_(1))  # rank 1: k head 0, copy 1
+    with pytest.raises(
+        CheckpointError, match=r"k_proj.weight: rows 0:16 along dim 0 are replicated, and rank 1's"
+    ):
+        consolidate(broken, workdir / "never")
+    shutil.copy(workdir / "shards-4" / "rank-00001-of-00004.safetensors", broken)
+    edit(broken / "rank-00003-of-00004.safetensors", gate_up, lambda t: t[-1].fill_(1))  # up_proj's padding
+    with pytest.raises(
+        CheckpointError, match=r"gate_up_proj.weight: rank 3 holds non-zero values where its piece is padding"
+    ):
+        consolidate(broken, workdir / "never")
     assert not (workdir / "never").exists()
+
+
+def edit(path: Path, key: str, change) -> None:
+    """Change one tensor of a shard file, keeping its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    change(tensors[key])
+    save_file(tensors, path, metadata=metadata)
 
 
 def test_world_4_biases_tied_embeddings_uneven_vocabulary(workdir):
