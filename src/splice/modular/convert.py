@@ -9,6 +9,7 @@ Each class goes to the file its name's suffix asks for; a use across files becom
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections import Counter
@@ -53,6 +54,7 @@ class _Output:
     pending: set[str] = field(default_factory=set)
     copies: set[str] = field(default_factory=set)  # classes of another file defined here again
     cross_imports: dict[str, list[str]] = field(default_factory=dict)  # kind -> class names
+    uses: set[str] = field(default_factory=set)  # every name the file's definitions read
 
 
 @dataclass
@@ -73,13 +75,14 @@ class Conversion:
         self.model_name = match["model"]
         self.module = parse_file(self.path)
         self.index = ModuleIndex.build(self.module, str(self.path))
-        self.mapping = config_mapping(self.path.parent.parent)
+        self.book = _name_book(self.path.parent.parent)
         self.cased_name = self._cased(self.model_name, self._class_names(self.index))
         self.imported: dict[str, _Import] = {}
         self.views: dict[Path, ParentView] = {}
         self.outputs: dict[str, _Output] = {}
         self._lines: dict[cst.CSTNode, int] | None = None
         self._flattened: dict[str, tuple[Definition, set[str], ParentView | None]] = {}
+        self._codes: dict[int, tuple[cst.CSTNode, str]] = {}
 
     # -- names -------------------------------------------------------------------------------------
     @staticmethod
@@ -87,10 +90,10 @@ class Conversion:
         return index.class_names
 
     def _cased(self, snake: str, hints: set[str]) -> str:
-        return NameBook(self.mapping, hints).cased(snake)
+        return self.book.cased(snake, hints)
 
     def _snake(self, cased: str) -> str:
-        return NameBook(self.mapping).snake(cased)
+        return self.book.snake(cased)
 
     def line_of(self, node: cst.CSTNode) -> int | None:
         if self._lines is None:
@@ -284,6 +287,7 @@ class Conversion:
         for dependency in sorted(uses - {definition.name}, key=lambda n: self._order(n, context)):
             self.require(out, dependency, context)
         out.definitions[definition.name] = definition
+        out.uses |= uses
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> dict[str, str]:
@@ -332,13 +336,20 @@ class Conversion:
                 raise self.error(f"{base} is not a class of {source.path.name}", node)
             node = merge_class(node, context.definition(parent_name).node, base, self._doc_swap, self._note)
         merged = Definition(definition.name, "class", node, definition.position, str(self.path))
-        uses = names_used(node) if base is not None else self.index.uses(definition.name)
+        uses = names_used(node, self._code(node)) if base is not None else self.index.uses(definition.name)
         self._flattened[definition.name] = (merged, uses, context)
         return self._flattened[definition.name]
 
     def _convert_class(self, definition: Definition) -> None:
         kind = file_type(definition.name, self.cased_name)
         self.add(self.outputs.setdefault(kind, _Output(kind)), *self._flatten(definition))
+
+    def _code(self, node: cst.CSTNode) -> str:
+        """A top-level node's code, rendered once."""
+        key = id(node)
+        if key not in self._codes:
+            self._codes[key] = (node, _RENDER.code_for_node(node))
+        return self._codes[key][1]
 
     def _render(self, all_per_file: dict[str, cst.SimpleStatementLine]) -> dict[str, str]:
         license_header = cst.Module(body=[], header=self.module.header).code
@@ -351,19 +362,24 @@ class Conversion:
         ):
             out = self.outputs[kind]
             definitions = sorted(out.definitions.values(), key=lambda d: 0 if d.name in _FIRST else 1)
-            body = [_spaced(d.node) for d in definitions]
+            body = [_spaced(self._code(d.node)) for d in definitions]
             if kind in all_per_file:
-                body.append(all_per_file[kind])
+                body.append("\n\n" + self._code(all_per_file[kind]))
             extra = [
                 cst.parse_statement(
                     f"from .{output_name(other, self.model_name)[:-3]} import {', '.join(names)}"
                 )
                 for other, names in out.cross_imports.items()
             ]
-            imports = needed_imports(pool + extra, body, set(out.definitions))
+            imports = needed_imports(pool + extra, out.uses, set(out.definitions))
             target = self.path.with_name(output_name(kind, self.model_name))
             results[target.name] = format_code(render(self.path, license_header, imports, body), target)
         return results
+
+
+@functools.lru_cache(maxsize=8)
+def _name_book(models_dir: Path) -> NameBook:
+    return NameBook(config_mapping(models_dir))
 
 
 def _copied_across(class_name: str, kind: str) -> bool:
@@ -371,15 +387,15 @@ def _copied_across(class_name: str, kind: str) -> bool:
     return kind == "image_processing_pil" and class_name.endswith("ImageProcessorKwargs")
 
 
-def _spaced(node: cst.CSTNode) -> cst.CSTNode:
+def _spaced(code: str) -> str:
     """Two blank lines before every top-level definition, whatever it had in its source."""
-    if isinstance(node, (cst.ClassDef, cst.FunctionDef)):
-        lines = [line for line in node.leading_lines if line.comment is not None]
-        return node.with_changes(leading_lines=[cst.EmptyLine(), cst.EmptyLine(), *lines])
-    if isinstance(node, cst.SimpleStatementLine):
-        lines = [line for line in node.leading_lines if line.comment is not None]
-        return node.with_changes(leading_lines=[cst.EmptyLine(), *lines])
-    return node
+    lines = code.split("\n")
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    return "\n\n" + "\n".join(lines)
+
+
+_RENDER = cst.Module([])
 
 
 def convert_file(path: str | Path) -> dict[str, str]:

@@ -31,11 +31,13 @@ def display_path(modular_path: Path) -> str:
     return f"src/{relative}" if top.parent.name == "src" or top.name == "transformers" else relative
 
 
-def render(modular_path: Path, license_header: str, imports: list, body: list) -> str:
+def render(modular_path: Path, license_header: str, imports: list, body: list[str]) -> str:
+    """Banner, license, imports, then the definitions (already rendered, each with its leading blank lines)."""
     header = HEADER.format(banner=BANNER, source=display_path(modular_path), short=modular_path.name)
-    module = cst.Module(body=[*imports, *body], header=[])
-    text = module.code
-    return header + license_header + text
+    import_code = cst.Module(body=imports, header=[]).code if imports else ""
+    return (
+        header + license_header + import_code + "".join(body).lstrip("\n" if not import_code else "") + "\n"
+    )
 
 
 @functools.lru_cache(maxsize=1)

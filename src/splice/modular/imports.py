@@ -1,14 +1,13 @@
 """Choosing the imports of a generated file: only what its code uses, each name once.
 
 The pool holds every import the modular file and its parents wrote, in that order. An import is kept
-when the generated body reads the name it binds (a dotted ``import a.b`` when the body reads ``a.b``),
-including names inside string annotations; a name the body defines itself is never imported. This is
-the part of scope analysis that matters here, at a fraction of the cost of libcst's ``ScopeProvider``. Imports under ``if``/``try`` guards stay guarded.
+when a definition of the file reads the name it binds (names come from CPython's AST of each
+definition, string annotations included; ``import a.b`` counts as used when ``a`` is read). A name the
+file defines itself is never imported. Imports under ``if``/``try`` guards stay guarded. This is the part
+of scope analysis that matters here, at a fraction of the cost of libcst's ``ScopeProvider``.
 """
 
 from __future__ import annotations
-
-import ast
 
 import libcst as cst
 
@@ -19,44 +18,6 @@ def bound_name(alias: cst.ImportAlias) -> str:
     if alias.asname is not None and isinstance(alias.asname.name, cst.Name):
         return alias.asname.name.value
     return cst.Module([]).code_for_node(alias.name)
-
-
-def _dotted(node: ast.expr) -> str:
-    parts = []
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    if not isinstance(node, ast.Name):
-        return ""
-    return ".".join([node.id, *reversed(parts)])
-
-
-def _used_import_names(body: list[cst.CSTNode]) -> set[str]:
-    """Names the code reads: plain names, dotted chains (``torch.nn.functional``) and the names inside
-    string annotations (``"PreTrainedModel"``)."""
-    tree = ast.parse(cst.Module(body=body).code)
-    names: set[str] = set()
-    annotations: list[ast.expr] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name):
-            names.add(node.id)
-        elif isinstance(node, ast.Attribute):
-            parts = _dotted(node).split(".")
-            names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1) if parts[0])
-        elif isinstance(node, ast.arg | ast.AnnAssign) and node.annotation is not None:
-            annotations.append(node.annotation)
-        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.returns is not None:
-            annotations.append(node.returns)
-    for annotation in annotations:
-        for inner in ast.walk(annotation):
-            if isinstance(inner, ast.Constant) and isinstance(inner.value, str):
-                try:
-                    names |= {
-                        n.id for n in ast.walk(ast.parse(inner.value, mode="eval")) if isinstance(n, ast.Name)
-                    }
-                except SyntaxError:
-                    pass
-    return names
 
 
 class _Picker:
@@ -73,7 +34,7 @@ class _Picker:
             keep = []
             for alias in small.names:
                 name = bound_name(alias)
-                if name in self.used and name not in self.defined and name not in self.taken:
+                if name.split(".")[0] in self.used and name not in self.defined and name not in self.taken:
                     self.taken.add(name)
                     keep.append(alias.with_changes(comma=cst.MaybeSentinel.DEFAULT))
             if keep:
@@ -95,9 +56,9 @@ class _Picker:
         return block.with_changes(body=block.body.with_changes(body=body))
 
 
-def needed_imports(pool: list[cst.CSTNode], body: list[cst.CSTNode], defined: set[str]) -> list[cst.CSTNode]:
-    """The imports of ``pool`` that ``body`` needs: plain ones first, then guarded blocks."""
-    used = _used_import_names(body)
+def needed_imports(pool: list[cst.CSTNode], used: set[str], defined: set[str]) -> list[cst.CSTNode]:
+    """The imports of ``pool`` binding a name in ``used`` and not in ``defined``: plain ones first,
+    then guarded blocks."""
     picker = _Picker(used, defined)
     plain, guarded, seen_blocks = [], [], set()
     for statement in pool:

@@ -19,7 +19,7 @@ Kind = Literal["class", "function", "assignment"]
 class Definition:
     """A top-level class, function or ``NAME = ...`` assignment of some file."""
 
-    __slots__ = ("name", "kind", "_node", "position", "origin", "source", "ast_uses")
+    __slots__ = ("name", "kind", "_node", "position", "origin", "source", "ast_node")
 
     def __init__(
         self,
@@ -29,7 +29,7 @@ class Definition:
         position: int,
         origin: str = "",
         source: str | None = None,
-        ast_uses: frozenset[str] | None = None,
+        ast_node: ast.AST | None = None,
     ):
         self.name = name
         self.kind = kind
@@ -37,7 +37,7 @@ class Definition:
         self.position = position  # index among the file's top-level statements
         self.origin = origin  # the file it comes from
         self.source = source  # its text, parsed on first use when no node was given
-        self.ast_uses = ast_uses  # the names it uses, when known without libcst
+        self.ast_node = ast_node  # its CPython AST, when the file was indexed from text
 
     @property
     def node(self) -> cst.CSTNode:
@@ -47,13 +47,34 @@ class Definition:
 
 
 def ast_names(tree: ast.AST) -> set[str]:
-    """Names read or bound in ``tree``: not attribute, keyword, parameter or definition names."""
-    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    """Names read or bound in ``tree`` (not attribute, keyword, parameter or definition names), and
+    the names inside string annotations (``config: "LlamaConfig"``)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.arg | ast.AnnAssign) and isinstance(node.annotation, ast.Constant):
+            names |= _string_annotation(node.annotation.value)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and isinstance(
+            node.returns, ast.Constant
+        ):
+            names |= _string_annotation(node.returns.value)
+    return names
 
 
-def names_used(node: cst.CSTNode) -> set[str]:
+def _string_annotation(value: object) -> set[str]:
+    if not isinstance(value, str):
+        return set()
+    try:
+        return {n.id for n in ast.walk(ast.parse(value, mode="eval")) if isinstance(n, ast.Name)}
+    except SyntaxError:
+        return set()
+
+
+def names_used(node: cst.CSTNode, text: str | None = None) -> set[str]:
     """:func:`ast_names` of a libcst node (rendered, then parsed by CPython: much faster than a visitor)."""
-    text = cst.Module([]).code_for_node(node)
+    if text is None:
+        text = cst.Module([]).code_for_node(node)
     try:
         return ast_names(ast.parse(text))
     except SyntaxError:  # a fragment that only parses in context; not expected for top-level code
@@ -151,8 +172,7 @@ class ModuleIndex:
             found = _ast_kind(node)
             if found is not None:
                 name, kind = found
-                uses = frozenset(ast_names(node) - {name})
-                index._add(Definition(name, kind, None, position, origin, source=text, ast_uses=uses))
+                index._add(Definition(name, kind, None, position, origin, source=text, ast_node=node))
         return index
 
     def _add(self, definition: Definition) -> None:
@@ -167,6 +187,10 @@ class ModuleIndex:
         """Names that ``name``'s definition refers to (not itself)."""
         if name not in self._uses:
             definition = self.definitions[name]
-            found = definition.ast_uses if definition.ast_uses is not None else names_used(definition.node)
+            found = (
+                ast_names(definition.ast_node)
+                if definition.ast_node is not None
+                else names_used(definition.node)
+            )
             self._uses[name] = set(found) - {name}
         return self._uses[name]

@@ -46,18 +46,18 @@ def config_mapping(models_dir: Path) -> dict[str, str]:
 class NameBook:
     """Converts model names between snake and cased spellings for one package."""
 
-    def __init__(self, mapping: dict[str, str], class_names: set[str] = frozenset()):
+    def __init__(self, mapping: dict[str, str]):
         self.to_cased_table = {
             k: v.removesuffix("Config") for k, v in mapping.items() if v.endswith("Config")
         }
         self.to_snake_table = {v: k for k, v in self.to_cased_table.items()}
-        self.class_names = class_names
 
-    def cased(self, snake: str) -> str:
+    def cased(self, snake: str, class_names: set[str] = frozenset()) -> str:
+        """``olmo2`` -> ``Olmo2``: from the table, else the prefix the class names use, else title case."""
         for key in (snake, snake.replace("_", "-")):
             if key in self.to_cased_table:
                 return self.to_cased_table[key]
-        inferred = self._infer_cased(snake)
+        inferred = _infer_cased(snake, class_names)
         return inferred or "".join(part.title() for part in snake.split("_"))
 
     def snake(self, cased: str) -> str:
@@ -65,19 +65,20 @@ class NameBook:
             return self.to_snake_table[cased]
         return "_".join(part.lower() for part in re.findall(r"[A-Z][^A-Z]*", cased))
 
-    def _infer_cased(self, snake: str) -> str | None:
-        """The most common class-name prefix that spells ``snake`` without its underscores."""
-        key = snake.replace("_", "").lower()
-        if not key:
-            return None
-        votes = Counter(
-            name[: len(key)]
-            for name in self.class_names
-            if name.lower().startswith(key)
-            and name[: len(key)].replace("_", "") == name[: len(key)]
-            and (len(name) == len(key) or name[len(key)].isupper() or name[len(key)] == "_")
-        )
-        return votes.most_common(1)[0][0] if votes else None
+
+def _infer_cased(snake: str, class_names: set[str]) -> str | None:
+    """The most common class-name prefix that spells ``snake`` without its underscores."""
+    key = snake.replace("_", "").lower()
+    if not key:
+        return None
+    votes: Counter[str] = Counter()
+    for name in class_names:
+        prefix = name[: len(key)]
+        if prefix.lower() == key and (
+            len(name) == len(key) or name[len(key)].isupper() or name[len(key)] == "_"
+        ):
+            votes[prefix] += 1
+    return votes.most_common(1)[0][0] if votes else None
 
 
 class NameSwap:

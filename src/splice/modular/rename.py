@@ -12,7 +12,6 @@ import re
 import tokenize
 
 import libcst as cst
-from libcst import matchers as m
 
 from splice.modular.index import Definition, ModuleIndex
 from splice.modular.names import NameSwap
@@ -136,9 +135,21 @@ def rename_sibling_import(statement: cst.CSTNode, swap: NameSwap, model_name: st
     return statement
 
 
+def _import_smalls(statement: cst.CSTNode) -> list[cst.Import | cst.ImportFrom]:
+    """The import statements of a line, or of the lines directly inside an ``if``/``try`` block."""
+    lines = statement.body.body if isinstance(statement, (cst.If, cst.Try)) else [statement]
+    return [
+        small
+        for line in lines
+        if isinstance(line, cst.SimpleStatementLine)
+        for small in line.body
+        if isinstance(small, (cst.Import, cst.ImportFrom))
+    ]
+
+
 def _bound_names(statement: cst.CSTNode) -> set[str]:
     names: set[str] = set()
-    for small in m.findall(statement, m.Import() | m.ImportFrom()):
+    for small in _import_smalls(statement):
         if isinstance(small, cst.ImportFrom) and isinstance(small.names, cst.ImportStar):
             continue
         for alias in small.names:
@@ -150,7 +161,7 @@ def _bound_names(statement: cst.CSTNode) -> set[str]:
 
 
 def _is_sibling_import(statement: cst.CSTNode) -> bool:
-    smalls = m.findall(statement, m.ImportFrom())
+    smalls = [s for s in _import_smalls(statement) if isinstance(s, cst.ImportFrom)]
     return bool(smalls) and all(
         len(s.relative) == 1 and isinstance(s.module, cst.Name) and _SIBLING_FILE.match(s.module.value)
         for s in smalls
