@@ -579,6 +579,9 @@ def _checkpoint_layout(model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
 
 
 def _num_parameters(model: nn.Module) -> int:
+    parallel = model.__dict__.get("_splice_parallel")
+    if parallel is not None:  # sharded by splice.parallel: DTensor global sizes count kv replicas and padding
+        return parallel.num_parameters
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) not in seen:

@@ -138,6 +138,10 @@ def llama(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tenso
             unfused = splice.from_pretrained(AutoModelForCausalLM, source, fusion_config={}, tp_plan="auto")
             out["unfused_logits"] = unfused(ids).logits
             out["unfused_q_proj"] = tuple(unfused.model.layers[0].self_attn.q_proj.weight.to_local().shape)
+            half = splice.from_pretrained(
+                AutoModelForCausalLM, source, fusion_config=fusion, tp_plan="auto", dtype=torch.bfloat16
+            )  # slices read as float32 and converted on the way in
+            out["bf16_logits"] = half(ids).logits
 
     if world == 4:
         # a replica that drifted, and padding that is no longer zero, must stop consolidation

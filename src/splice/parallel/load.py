@@ -84,6 +84,7 @@ def from_pretrained_tp(
         torch_dtype=torch_dtype, attn_implementation=attn_implementation, key_mapping=key_mapping, **kwargs,
     )  # fmt: skip
     model = prepared.model
+    num_parameters = sum(p.numel() for p in model.parameters())  # before sharding adds replicas and padding
     styles = resolve_styles(model, {**model_plan(model), **overrides})
     layout = build_layout(model, styles, tp)
     device = torch.device(mesh.device_type) if mesh.device_type == "cpu" else _local_device(mesh)
@@ -123,6 +124,7 @@ def from_pretrained_tp(
         checkpoint_map=checkpoint_map.resolve(metas),
         tensors={k: expected[k] for s in steps for k in s.targets if k in expected},
         source=source,
+        num_parameters=num_parameters,
         bytes_read=bytes_read,
         sharded_bytes_read=stats["sharded"],
         replicated_bytes_read=stats["replicated"],

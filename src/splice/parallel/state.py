@@ -29,6 +29,7 @@ class ParallelState:
     checkpoint_map: WeightMap  # checkpoint keys -> TP-global keys, every op resolved
     tensors: dict[str, TensorMeta]  # the TP-global tensors the checkpoint fills, in load order
     source: dict[str, Any]  # the source checkpoint's files, keys, metadata
+    num_parameters: int = 0  # of the unsharded model, for the index's total_parameters
     bytes_read: int = 0
     sharded_bytes_read: int = 0
     replicated_bytes_read: int = 0
