@@ -74,6 +74,7 @@ class Conversion:
             raise ModularError("a modular file must be named modular_<model>.py", path)
         self.model_name = match["model"]
         self.module = parse_file(self.path)
+        self.source = self.path.read_text(encoding="utf-8")
         self.index = ModuleIndex.build(self.module, str(self.path))
         self.book = _name_book(self.path.parent.parent)
         self.cased_name = self._cased(self.model_name, self._class_names(self.index))
@@ -83,6 +84,7 @@ class Conversion:
         self._lines: dict[cst.CSTNode, int] | None = None
         self._flattened: dict[str, tuple[Definition, set[str], ParentView | None]] = {}
         self._codes: dict[int, tuple[cst.CSTNode, str]] = {}
+        self._explicit: dict[str, bool] = {}
 
     # -- names -------------------------------------------------------------------------------------
     @staticmethod
@@ -334,7 +336,14 @@ class Conversion:
             parent_name = context._new(source.name)
             if parent_name not in context or context.meta(parent_name).kind != "class":
                 raise self.error(f"{base} is not a class of {source.path.name}", node)
-            node = merge_class(node, context.definition(parent_name).node, base, self._doc_swap, self._note)
+            node = merge_class(
+                node,
+                context.definition(parent_name).node,
+                base,
+                self._doc_swap,
+                self._note,
+                self._explicit_calls,
+            )
         merged = Definition(definition.name, "class", node, definition.position, str(self.path))
         uses = names_used(node, self._code(node)) if base is not None else self.index.uses(definition.name)
         self._flattened[definition.name] = (merged, uses, context)
@@ -343,6 +352,13 @@ class Conversion:
     def _convert_class(self, definition: Definition) -> None:
         kind = file_type(definition.name, self.cased_name)
         self.add(self.outputs.setdefault(kind, _Output(kind)), *self._flatten(definition))
+
+    def _explicit_calls(self, method: str) -> bool:
+        """Whether the modular source has a ``Base.<method>(`` call anywhere (else no need to look)."""
+        if method not in self._explicit:
+            pattern = re.compile(rf"[A-Z][\w.]*\.{re.escape(method)}\s*\(")
+            self._explicit[method] = pattern.search(self.source) is not None
+        return self._explicit[method]
 
     def _code(self, node: cst.CSTNode) -> str:
         """A top-level node's code, rendered once."""

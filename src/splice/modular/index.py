@@ -161,18 +161,21 @@ class ModuleIndex:
         """Index a parent file from its text: libcst parses each definition on first use only."""
         index = cls(origin)
         lines = source.splitlines(keepends=True)
+        import_texts: list[str] = []
         for position, node in enumerate(ast.parse(source).body):
             start = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", ()))])
             while start > 1 and lines[start - 2].lstrip().startswith("#"):
                 start -= 1  # comments right above belong to the definition
             text = "".join(lines[start - 1 : node.end_lineno])
             if _ast_imports(node):
-                index.imports.append(cst.parse_statement(text))
+                import_texts.append(text if text.endswith("\n") else text + "\n")
                 continue
             found = _ast_kind(node)
             if found is not None:
                 name, kind = found
                 index._add(Definition(name, kind, None, position, origin, source=text, ast_node=node))
+        if import_texts:  # one parse for all of them: much cheaper than one per statement
+            index.imports = list(cst.parse_module("".join(import_texts)).body)
         return index
 
     def _add(self, definition: Definition) -> None:

@@ -121,6 +121,7 @@ def merge_class(
     parent_base: str,
     doc_swap: Callable[[str, str], NameSwap | None],
     note: Callable[[cst.CSTNode, str], None] = lambda node, message: None,
+    explicit_calls: Callable[[str], bool] = lambda method: True,
 ) -> cst.ClassDef:
     """The parent class with the child's name, attributes and methods merged in."""
     child_name, parent_name = child.name.value, parent.name.value
@@ -151,7 +152,7 @@ def merge_class(
                 replacement = child_methods[key]
                 if is_error_stub(replacement):
                     continue
-                statement = _override(statement, replacement, note)
+                statement = _override(statement, replacement, note, explicit_calls)
             others.append(statement)
         elif (name := _attribute_name(statement)) is not None:
             attributes[name] = statement
@@ -160,7 +161,7 @@ def merge_class(
     for statement in child_body:
         if isinstance(statement, cst.FunctionDef):
             if method_key(statement) not in parent_methods:
-                others.append(unroll(_own_decorators(statement), None))
+                others.append(unroll(_own_decorators(statement), None, explicit_calls(statement.name.value)))
         elif (name := _attribute_name(statement)) is not None:
             if _removes_attribute(statement):
                 attributes.pop(name, None)
@@ -180,7 +181,7 @@ def merge_class(
     )
 
 
-def _override(parent: cst.FunctionDef, child: cst.FunctionDef, note) -> cst.FunctionDef:
+def _override(parent: cst.FunctionDef, child: cst.FunctionDef, note, explicit_calls) -> cst.FunctionDef:
     name = child.name.value
     if not any(super_call_name(s) == name for s in statements_of(child.body)):
         for call in m.findall(child.body, _super_call(name)):
@@ -196,7 +197,7 @@ def _override(parent: cst.FunctionDef, child: cst.FunctionDef, note) -> cst.Func
         returns=child.returns or parent.returns,
         leading_lines=parent.leading_lines,
     )
-    return unroll(merged, parent)
+    return unroll(merged, parent, explicit_calls(name))
 
 
 _NO_INHERIT = "no_inherit_decorator"

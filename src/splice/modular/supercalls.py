@@ -131,20 +131,29 @@ def _move_post_init_last(body: list[cst.BaseStatement], text) -> list[cst.BaseSt
     return body
 
 
-def unroll(child: cst.FunctionDef, parent: cst.FunctionDef | None) -> cst.FunctionDef:
-    """The child method's body with ``super().<same name>(...)`` replaced by the parent's body."""
+def unroll(
+    child: cst.FunctionDef, parent: cst.FunctionDef | None, explicit_calls: bool = True
+) -> cst.FunctionDef:
+    """The child method's body with ``super().<same name>(...)`` replaced by the parent's body.
+
+    ``explicit_calls=False`` says the source has no ``Base.<name>(`` call, which skips looking for one.
+    """
     name = child.name.value
     statements = statements_of(child.body)
-    explicit = ExplicitBaseCalls(name)
+    explicit = ExplicitBaseCalls(name) if explicit_calls else cst.CSTTransformer()
     child_doc = docstring_statement(statements)
     parent_body = statements_of(parent.body) if parent is not None else []
     parent_doc = docstring_statement(parent_body)
 
     call_at = next((i for i, s in enumerate(statements) if super_call_name(s) == name), None)
     if parent is None or call_at is None:
-        body = [s.visit(explicit) for s in statements]
+        body = [s.visit(explicit) for s in statements] if explicit_calls else statements
     else:
-        before = [s.visit(explicit) for s in statements[:call_at] if deleted_target(s) is None]
+        before = [
+            s.visit(explicit) if explicit_calls else s
+            for s in statements[:call_at]
+            if deleted_target(s) is None
+        ]
         after = statements[call_at + 1 :]
         reassigned = {assigned_target(s): s for s in after if assigned_target(s) is not None}
         deleted = {deleted_target(s) for s in after if deleted_target(s) is not None}
@@ -168,7 +177,7 @@ def unroll(child: cst.FunctionDef, parent: cst.FunctionDef | None) -> cst.Functi
             if deleted_target(statement) is not None or text(statement) in seen:
                 continue
             seen.add(text(statement))
-            merged.append(statement.visit(explicit))
+            merged.append(statement.visit(explicit) if explicit_calls else statement)
         merged = _move_post_init_last(merged, text)
         if merged and merged[0] is parent_first and "super().__init__" in text(parent_first):
             # The parent initializes its own base first; that must still happen before anything else.
