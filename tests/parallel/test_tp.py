@@ -260,6 +260,8 @@ def test_world_4_biases_tied_embeddings_uneven_vocabulary(workdir):
         assert out["qkv_bias"] == (48,)  # [q_r | k_r | v_r] biases, kv replicated like the weights
         torch.testing.assert_close(out["logits"], logits, atol=1e-5, rtol=0)
         assert torch.equal(out["generated"], generated)
+        assert out["grid_embed"] == (65, 64)  # tp_size=2 on 4 ranks: two tensor-parallel pairs
+        torch.testing.assert_close(out["grid_logits"], logits, atol=1e-5, rtol=0)
     for key, param in model.named_parameters():
         torch.testing.assert_close(ranks[0]["grads"][key], param.grad, atol=2e-6, rtol=1e-4, msg=key)
     assert same_files(source, workdir / "saved-variants") == ["model.safetensors"]

@@ -182,6 +182,14 @@ def variants(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Te
     model.train()
     model(ids, labels=ids).loss.backward()
     out["grads"] = _copy(gather_state_dict(model, grads=True))
+    grid = splice.from_pretrained(
+        AutoModelForCausalLM, source, fusion_config=["qkv"], tp_plan="auto", tp_size=2
+    )
+    out["grid_embed"] = tuple(
+        grid.model.embed_tokens.weight.to_local().shape
+    )  # 2 x 2: data x tensor parallel
+    with torch.no_grad():
+        out["grid_logits"] = grid(ids).logits
     splice.save_pretrained(model, workdir / "saved-variants")
     dist.barrier()
     save_shards(model, workdir / "shards-variants")
