@@ -10,14 +10,17 @@ checkpoint (3 shards, 1.36 GB):
 - **byte copy**: ``shutil.copyfile`` per file (what ``cp`` does), the disk / memcpy limit;
 - **convert**: ``splice convert`` to fused q/k/v and gate/up, and again with direct reads off (every
   step reads whole sources, runs the op and writes), to show what reading into the fused tensor saves;
-- **convert --reverse**: back to the original layout.
+- **convert --reverse**: back to the original layout;
+- **convert, no rules**: every tensor passes through, the streaming cost of ``convert`` on its own;
+- **plan only**: what ``convert`` does before the first byte of data (headers, compiling the map).
 
 Two rounds: first every variant writes to the page cache only (``fsync`` disabled in the child, and
 ``os.sync()`` between runs so one run's write-back does not slow the next), which exposes CPU and
 memcpy overhead; then every variant makes its files durable with ``fsync``, as ``convert``'s atomic
 commit does, which is disk bound. The source is read once before measuring, so all reads come from
-the page cache. Times are medians, measured inside the child around the call alone; peak RSS is the
-child's, from ``wait4``.
+the page cache. Variants run interleaved, shuffled each round; times are medians (and minimums),
+measured inside the child around the call alone; peak RSS is the child's high-water mark during the
+call (see ``_common.measure``).
 """
 
 from __future__ import annotations
@@ -154,6 +157,9 @@ def print_round(runs: dict[str, list[Measurement]], source_bytes: int, step_byte
     print(f"  convert / safetensors copy:            {ratio('convert', 'safetensors copy')} (target <= 1.3x)")
     print(f"  convert --reverse / safetensors copy:  {ratio('convert --reverse', 'safetensors copy')}")
     print(f"  convert / byte copy:                   {ratio('convert', 'byte copy (cp)')}")
+    print(
+        f"  convert with no rules / safetensors:   {ratio('convert, no rules (a copy)', 'safetensors copy')}"
+    )
     print(f"  (convert - plan only) / safetensors:   {ratio('convert', 'safetensors copy', minus=PLAN_ONLY)}")
     print(f"  direct reads off / on:                 {ratio('convert, direct reads off', 'convert')}")
     bound = 1.1 * plain.peak_rss + step_bytes
@@ -196,6 +202,8 @@ def main() -> None:
     )
     map_path = workdir / "fuse.json"
     map_path.write_text(json.dumps({"rules": FUSE_RULES}, indent=2) + "\n")
+    copy_map = workdir / "copy.json"  # no rules: every tensor passes through, as in a plain copy
+    copy_map.write_text('{"rules": []}\n')
     (step_bytes, step_name), (fused_bytes, fused_name) = largest_steps(src, WeightMap.load(map_path))
     print(f"  largest step: {human(step_bytes)} ({step_name}, copied unchanged)")
     print(f"  largest fusing step: {human(fused_bytes)} ({fused_name})")
@@ -228,6 +236,7 @@ def main() -> None:
             "byte copy (cp)": ("copy_bytes", copy),
             "convert": ("convert", {**forward, "direct": True}),
             "convert, direct reads off": ("convert", {**forward, "direct": False}),
+            "convert, no rules (a copy)": ("convert", {**forward, "map_path": str(copy_map), "direct": True}),
             PLAN_ONLY: ("plan_only", {"src": str(src), "map_path": str(map_path)}),
             "convert --reverse": ("convert", {**forward, "src": str(fused), "map_path": None, "reverse": True, "direct": True}),
         }  # fmt: skip
