@@ -56,7 +56,13 @@ print("\\n@@rank@@" + json.dumps(bench_tp.tp_rank(*sys.argv[1:])))
 
 
 def _rss() -> int:
+    """Peak RSS so far. (A child's starts at its parent's RSS when it forked; the peaks here are far above.)"""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _forward(model) -> None:
@@ -67,12 +73,13 @@ def _forward(model) -> None:
 
 def single(path: str) -> dict:
     """Runs in a fresh process (``_common.measure``)."""
+    baseline = _current_rss()
     started = time.perf_counter()
     model = splice.from_pretrained(AutoModelForCausalLM, path, fusion_config=FUSION)
     seconds = time.perf_counter() - started
     loaded = _rss()
     _forward(model)
-    return {"seconds": seconds, "loaded_rss": loaded, "forward_rss": _rss()}
+    return {"seconds": seconds, "baseline_rss": baseline, "loaded_rss": loaded, "forward_rss": _rss()}
 
 
 def tp_rank(path: str, shards: str) -> dict:
@@ -82,7 +89,7 @@ def tp_rank(path: str, shards: str) -> dict:
     from splice.parallel import get_parallel_state, save_shards
 
     dist.init_process_group("gloo")
-    baseline = _rss()
+    baseline = _current_rss()
     started = time.perf_counter()
     model = splice.from_pretrained(AutoModelForCausalLM, path, fusion_config=FUSION, tp_plan="auto")
     seconds = time.perf_counter() - started
@@ -192,9 +199,10 @@ def main() -> None:
     one = measure("bench_tp:single", path=str(path))
     shards = workdir / f"tp{args.tp}-shards"
     ranks = run_tp(path, shards, args.tp)
+    single_base = one.result["baseline_rss"]
     single_load, single_forward = one.result["loaded_rss"], one.result["forward_rss"]
 
-    print(f"\nsingle process: load {one.result['seconds']:.2f} s, baseline {human(one.baseline_rss)}, "
+    print(f"\nsingle process: load {one.result['seconds']:.2f} s, baseline {human(single_base)}, "
           f"after load {human(single_load)}, after forward {human(single_forward)} (peak {human(one.peak_rss)})")  # fmt: skip
     weights = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     for r in ranks:
@@ -206,7 +214,7 @@ def main() -> None:
         )
         print(
             f"    RSS after forward vs single: {r['forward_rss'] / single_forward:.2f}x absolute, "
-            f"{added / (single_forward - one.baseline_rss):.2f}x above baseline; "
+            f"{added / (single_forward - single_base):.2f}x above baseline; "
             f"read {human(r['bytes_read'])} = {r['bytes_read'] / weights:.3f} of the checkpoint "
             f"(sharded {human(r['sharded_bytes_read'])}, replicated {human(r['replicated_bytes_read'])})"
         )

@@ -12,7 +12,8 @@
   padding, which checkpoint rows make up a rank's shard), as reversible WeightMap rules.
 - `splice.parallel.plan`: a model's Transformers TP plan, rewritten for its fused modules.
 - `splice.parallel.load`: the loader (`from_pretrained_tp`).
-- `splice.parallel.shards` / `splice.parallel.consolidate`: per-rank files and rebuilding the original.
+- `splice.parallel.shards` / `splice.parallel.consolidate`: per-rank files and rebuilding the original
+  (``splice.parallel.consolidate.consolidate(shards_dir, out_dir)``, or ``splice consolidate``).
 - `splice.parallel.lora`: LoRA adapters trained under TP, back to vanilla PEFT tensors.
 
 Imports are lazy: consolidating needs neither transformers nor a process group.
@@ -26,7 +27,6 @@ from typing import Any
 _LAZY = {
     "from_pretrained_tp": "splice.parallel.load",
     "save_shards": "splice.parallel.shards",
-    "consolidate": "splice.parallel.consolidate",
     "gather_state_dict": "splice.parallel.state",
     "get_parallel_state": "splice.parallel.state",
 }
