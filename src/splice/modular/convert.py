@@ -24,17 +24,11 @@ from splice.modular.emit import format_code, render
 from splice.modular.errors import ModularError
 from splice.modular.imports import needed_imports
 from splice.modular.index import Definition, ModuleIndex, names_used
-from splice.modular.merge import common_suffix, merge_class
+from splice.modular.merge import merge_class
 from splice.modular.names import NameBook, NameSwap, config_mapping
+from splice.modular.parents import ParentImport, choose_prefix, find_parent_imports, prefix_of, specific_base
 from splice.modular.rename import ParentView
-from splice.modular.resolve import (
-    dotted_name,
-    is_source_module,
-    load_index,
-    locate_absolute,
-    locate_relative,
-    parse_file,
-)
+from splice.modular.resolve import load_index, parse_file
 from splice.modular.split import FILE_TYPE_ORDER, MODULAR_NAME, file_type, output_name, split_all
 
 logger = logging.getLogger("splice.modular")
@@ -57,13 +51,6 @@ class _Output:
     uses: set[str] = field(default_factory=set)  # every name the file's definitions read
 
 
-@dataclass
-class _Import:
-    path: Path
-    name: str  # the name in the parent file (before any `as`)
-    line: int
-
-
 class Conversion:
     """All the state of converting one modular file; use :func:`convert_file`."""
 
@@ -78,7 +65,7 @@ class Conversion:
         self.index = ModuleIndex.build(self.module, str(self.path))
         self.book = _name_book(self.path.parent.parent)
         self.cased_name = self._cased(self.model_name, self._class_names(self.index))
-        self.imported: dict[str, _Import] = {}
+        self.imported: dict[str, ParentImport] = {}
         self.views: dict[Path, ParentView] = {}
         self.outputs: dict[str, _Output] = {}
         self._lines: dict[cst.CSTNode, int] | None = None
@@ -113,44 +100,11 @@ class Conversion:
         return ModularError(message, self.path, self.line_of(node) if node is not None else None)
 
     # -- parents -----------------------------------------------------------------------------------
-    def find_parents(self) -> None:
-        for statement in self.index.imports:
-            if not isinstance(statement, cst.SimpleStatementLine):
-                continue
-            for small in statement.body:
-                if not isinstance(small, cst.ImportFrom) or small.module is None:
-                    continue
-                level, dotted = len(small.relative), dotted_name(small.module)
-                if level == 1 or not is_source_module(dotted, level):
-                    continue
-                shown = "." * level + dotted
-                found = locate_absolute(dotted) if level == 0 else locate_relative(self.path, level, dotted)
-                if found is None:
-                    raise self.error(
-                        f"cannot find the source of `{shown}`: it is neither an installed "
-                        "package nor a file of this package tree",
-                        small,
-                    )
-                if isinstance(small.names, cst.ImportStar):
-                    raise self.error(
-                        f"`from {shown} import *` is not supported: name the classes you inherit from", small
-                    )
-                for alias in small.names:
-                    original = dotted_name(alias.name)
-                    bound = alias.asname.name.value if alias.asname is not None else original
-                    self.imported[bound] = _Import(found.resolve(), original, 0)
-
     def _specific_base(self, node: cst.ClassDef) -> str | None:
-        specific = [dotted_name(b.value) for b in node.bases if dotted_name(b.value) in self.imported]
-        if len(specific) > 1:
-            raise self.error(
-                f"class {node.name.value} inherits from more than one model-specific class "
-                f"({', '.join(specific)}); flattening can follow only one",
-                node,
-            )
-        return specific[0] if specific else None
+        return specific_base(node, self.imported, self.error)
 
     def build_views(self) -> None:
+        """One renamed view per parent file, with the prefix its inheriting classes agree on."""
         votes: dict[Path, Counter[str]] = {}
         for definition in self.index.definitions.values():
             if definition.kind != "class":
@@ -159,24 +113,11 @@ class Conversion:
             if base is None:
                 continue
             source = self.imported[base]
-            votes.setdefault(source.path, Counter())[self._prefix_of(definition.name, source)] += 1
+            prefix = prefix_of(definition.name, source.name, self._parent_cased(source.path), self.cased_name)
+            votes.setdefault(source.path, Counter())[prefix] += 1
         for source in self.imported.values():
             if source.path not in self.views:
                 self.views[source.path] = self._view(source.path, votes.get(source.path, Counter()))
-
-    def _prefix_of(self, class_name: str, source: _Import) -> str:
-        """The model prefix a class name uses: ``Emu3TextMLP(LlamaMLP)`` -> ``Emu3Text``.
-
-        The part of the base's name after its own model's prefix (``MLP``) is taken off the class name;
-        when the base does not start with its model's prefix, the longest common suffix is used.
-        """
-        old_cased = self._parent_cased(source.path)
-        suffix = source.name[len(old_cased) :] if source.name.startswith(old_cased) else ""
-        if not suffix or not class_name.endswith(suffix) or class_name == suffix:
-            suffix = common_suffix(class_name, source.name)
-        if suffix and suffix[0].isupper() and class_name != suffix:
-            return class_name[: len(class_name) - len(suffix)]
-        return self.cased_name
 
     def _parent_cased(self, path: Path) -> str:
         return self._cased(path.parent.name, load_index(path).class_names)
@@ -185,38 +126,10 @@ class Conversion:
         index = load_index(path)
         old_snake = path.parent.name
         old_cased = self._parent_cased(path)
-        chosen = self._choose_prefix(path, prefixes, old_cased, index)
+        chosen = choose_prefix(self.path, path, prefixes, self.cased_name, old_cased, index.class_names)
         new_snake = self._snake(chosen) if chosen != self.cased_name else self.model_name
         swap = NameSwap(old_snake, new_snake, old_cased, chosen)
         return ParentView(index, swap, self.model_name, set(self.index.definitions))
-
-    def _choose_prefix(self, path: Path, prefixes: Counter[str], old_cased: str, index: ModuleIndex) -> str:
-        if not prefixes:
-            return self.cased_name
-        ranked = prefixes.most_common()
-        top = [name for name, count in ranked if count == ranked[0][1]]
-        chosen = self.cased_name if self.cased_name in top else top[-1]
-        if len(prefixes) > 1:
-            logger.warning(
-                "%s: classes inheriting from %s use several prefixes (%s); using %r for the code pulled "
-                "from it. Subclass the intermediate classes too if they need another prefix.",
-                self.path,
-                path.name,
-                ", ".join(sorted(prefixes)),
-                chosen,
-            )
-        old_prefix = chosen.replace(self.cased_name, old_cased)
-        if chosen != self.cased_name and any(n.startswith(old_prefix) for n in self._class_names(index)):
-            logger.warning(
-                "%s: prefix %r would collide with class %s of %s; falling back to %r.",
-                self.path,
-                chosen,
-                old_prefix,
-                path.name,
-                self.cased_name,
-            )
-            chosen = self.cased_name
-        return chosen
 
     def _doc_swap(self, old_cased: str, new_cased: str) -> NameSwap | None:
         old_snake, new_snake = self._snake(old_cased), self._snake(new_cased)
@@ -293,7 +206,7 @@ class Conversion:
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> dict[str, str]:
-        self.find_parents()
+        self.imported = find_parent_imports(self.index, self.path, self.error)
         self.build_views()
         all_per_file: dict[str, cst.SimpleStatementLine] = {}
         for definition in self.index.definitions.values():
