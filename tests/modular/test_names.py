@@ -22,7 +22,7 @@ SWAP = NameSwap("llama", "olmo2", "Llama", "Olmo2")
         ('"meta-llama/Llama-2-7b-hf"', '"meta-olmo2/Olmo2-2-7b-hf"'),
         ("# the LLaMA paper", "# the Olmo2 paper"),  # any other casing becomes the cased name
         ("xllama", "xllama"),  # glued to a preceding letter: another word
-        ("use_llamapy", "use_llamapy"),  # glued to a following lowercase letter: another word
+        ("llamapy", "olmo2py"),  # in text, renamed regardless
     ],
 )
 def test_swap_keeps_the_spelling(text, expected):
@@ -82,3 +82,9 @@ def test_file_type_by_suffix(class_name, model, kind):
 )
 def test_prefix_of(class_name, base, base_model, expected):
     assert prefix_of(class_name, base, base_model, "Default") == expected
+
+
+def test_identifiers_keep_a_snake_name_glued_to_more_letters():
+    assert SWAP("use_llamapy", identifier=True) == "use_llamapy"
+    assert SWAP("init_llama_weights", identifier=True) == "init_olmo2_weights"
+    assert SWAP("LlamaModel", identifier=True) == "Olmo2Model"

@@ -86,6 +86,7 @@ class NameSwap:
 
     ``llama -> olmo2``, ``Llama -> Olmo2``, ``LLAMA -> OLMO2``. A match must not follow a letter or digit,
     so ``xllama`` stays; any other casing of the old name (``LLaMa``) becomes the new cased name.
+    In identifiers a snake name followed by more lowercase letters stays too (``use_mambapy``).
     """
 
     def __init__(self, old_snake: str, new_snake: str, old_cased: str, new_cased: str):
@@ -99,19 +100,23 @@ class NameSwap:
         self._upper_cased = len(self.patterns) == 2
         self._needle_snake, self._needle_cased = old_snake.lower(), old_cased.lower()
 
-    def _replace(self, match: re.Match[str]) -> str:
+    def _replace(self, match: re.Match[str], identifier: bool = False) -> str:
         found, following = match.group(1), match.group(2)
-        if found.islower() and following.islower() and following.isalpha():
-            return match.group(0)  # `mamba` in `use_mambapy` is part of another word
+        if identifier and found.islower() and following.islower() and following.isalpha():
+            return match.group(0)  # `mamba` in the identifier `use_mambapy` is part of another word
         replacement = self.patterns.get(found, self.new_cased)
         if self._upper_cased and found.isupper() and not following.isalpha():
             replacement = self.patterns[found.lower()].upper()
         return replacement + following
 
-    def __call__(self, text: str) -> str:
+    def __call__(self, text: str, identifier: bool = False) -> str:
+        """``text`` renamed; in an ``identifier``, a snake name glued to more lowercase letters is
+        another word and stays (strings and comments are renamed regardless)."""
         lowered = text.lower()
         if self._needle_snake not in lowered and self._needle_cased not in lowered:
             return text
+        if identifier:
+            return self._regex.sub(lambda match: self._replace(match, identifier=True), text)
         return self._regex.sub(self._replace, text)
 
     @property

@@ -35,7 +35,7 @@ class Renamer(cst.CSTTransformer):
     def leave_Name(self, original_node: cst.Name, updated_node: cst.Name) -> cst.Name:
         if self.only_text or updated_node.value in self.keep:
             return updated_node
-        return updated_node.with_changes(value=self.swap(updated_node.value))
+        return updated_node.with_changes(value=self.swap(updated_node.value, identifier=True))
 
     def leave_SimpleString(
         self, original_node: cst.SimpleString, updated_node: cst.SimpleString
@@ -69,7 +69,7 @@ def rename_text(text: str, swap: NameSwap, keep: frozenset[str]) -> str | None:
         for token in tokenize.generate_tokens(io.StringIO(text).readline):
             kind, value = token.type, token.string
             if kind == tokenize.NAME:
-                new = value if value in keep else swap(value)
+                new = value if value in keep else swap(value, identifier=True)
             elif kind == tokenize.STRING:
                 prefix = value[: len(value) - len(value.lstrip("rRbBuUfF"))]
                 if "f" in prefix.lower():
@@ -184,14 +184,18 @@ class ParentView:
                 kept |= _bound_names(statement)
         # Top-level functions keep their names (`mamba2_chunk_scan` stays): they are shared helpers.
         kept |= {name for name, d in index.definitions.items() if d.kind == "function"}
-        self.keep = frozenset(name for name in kept if swap(name) == name or swap(name) not in provided)
+        self.keep = frozenset(
+            name
+            for name in kept
+            if swap(name, identifier=True) == name or swap(name, identifier=True) not in provided
+        )
         self.by_new_name = {self._new(name): name for name in index.definitions}
         self.imports = [rename_sibling_import(s, swap, model_name, self.keep) for s in index.imports]
         self._renamed: dict[str, cst.CSTNode] = {}
         self._uses: dict[str, set[str]] = {}
 
     def _new(self, name: str) -> str:
-        return name if name in self.keep else self.swap(name)
+        return name if name in self.keep else self.swap(name, identifier=True)
 
     def __contains__(self, new_name: str) -> bool:
         return new_name in self.by_new_name
