@@ -88,3 +88,10 @@ def test_identifiers_keep_a_snake_name_glued_to_more_letters():
     assert SWAP("use_llamapy", identifier=True) == "use_llamapy"
     assert SWAP("init_llama_weights", identifier=True) == "init_olmo2_weights"
     assert SWAP("LlamaModel", identifier=True) == "Olmo2Model"
+
+
+def test_prefix_of_prefers_the_model_name_when_a_reading_gives_it():
+    # `Ernie4_5_Moe` ends like `MoeStatics` begins: the common-suffix reading finds the model's name
+    assert prefix_of("Ernie4_5_VLMoeMoeStatics", "Ernie4_5_MoeStatics", "Ernie4_5_Moe", "Ernie4_5_VLMoe") == (
+        "Ernie4_5_VLMoe"
+    )

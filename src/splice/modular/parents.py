@@ -72,15 +72,24 @@ def specific_base(node: cst.ClassDef, imported: dict[str, ParentImport], error: 
 def prefix_of(class_name: str, base_name: str, base_model_cased: str, default: str) -> str:
     """The model prefix a class name uses: ``Emu3TextMLP(LlamaMLP)`` -> ``Emu3Text``.
 
-    The part of the base's name after its own model's prefix (``MLP``) is taken off the class name;
-    when the base does not start with its model's prefix, the longest common suffix is used.
+    Two readings: take off the part of the base's name after its own model's prefix (``MLP``), or take
+    off the longest suffix both names share. They differ when a model name ends like a class name does
+    (``Ernie4_5_Moe`` + ``MoeStatics``, ``DeformableDetr`` + ``DetrLayer``); then the model's own
+    prefix wins if either reading gives it, else the first reading.
     """
+    readings = []
     suffix = base_name[len(base_model_cased) :] if base_name.startswith(base_model_cased) else ""
-    if not suffix or not class_name.endswith(suffix) or class_name == suffix:
-        suffix = common_suffix(class_name, base_name)
-    if suffix and suffix[0].isupper() and class_name != suffix:
-        return class_name[: len(class_name) - len(suffix)]
-    return default
+    for candidate in (suffix, common_suffix(class_name, base_name)):
+        if (
+            candidate
+            and candidate[0].isupper()
+            and class_name.endswith(candidate)
+            and class_name != candidate
+        ):
+            readings.append(class_name[: len(class_name) - len(candidate)])
+    if not readings:
+        return default
+    return default if default in readings else readings[0]
 
 
 def choose_prefix(
