@@ -198,3 +198,39 @@ def test_run_validates_jobs(child):
     args = argparse.Namespace(paths=[str(child)], output_dir=None, check=False, jobs=0)
     with pytest.raises(ModularError, match="--jobs must be at least 1, got 0"):
         run(args)
+
+
+def test_output_without_ruff_is_the_same_code(child, monkeypatch):
+    import ast
+
+    from splice.modular import emit
+
+    formatted = convert_file(child)["modeling_child.py"]
+    emit.ruff_executable.cache_clear()
+    monkeypatch.setattr(emit, "ruff_executable", lambda: None)
+    plain = convert_file(child)["modeling_child.py"]
+    assert ast.dump(ast.parse(plain)) == ast.dump(ast.parse(formatted))
+    assert plain.startswith("#                🚨")
+
+
+def test_cli_relays_warnings_from_worker_processes(package, capsys):
+    root = package(
+        {
+            "models/base/modeling_base.py": PARENT + "\n\nclass BaseOther(nn.Module):\n    pass\n",
+            "models/child/modular_child.py": """
+            from ..base.modeling_base import BaseBlock, BaseOther
+
+            class ChildTextBlock(BaseBlock):
+                pass
+
+            class ChildOther(BaseOther):
+                pass
+        """,
+            "models/other/modular_other.py": CHILD.replace("ChildBlock", "OtherBlock"),
+        }
+    )
+    assert main(["modular", str(root / "models"), "--jobs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "splice modular: warning: " in err
+    assert "use several prefixes (Child, ChildText)" in err
+    assert (root / "models/other/modeling_other.py").is_file()

@@ -64,7 +64,7 @@ class Conversion:
         self.source = self.path.read_text(encoding="utf-8")
         self.index = ModuleIndex.build(self.module, str(self.path))
         self.book = _name_book(self.path.parent.parent)
-        self.cased_name = self._cased(self.model_name, self._class_names(self.index))
+        self.cased_name = self._cased(self.model_name, self.index.class_names)
         self.imported: dict[str, ParentImport] = {}
         self.views: dict[Path, ParentView] = {}
         self.outputs: dict[str, _Output] = {}
@@ -74,10 +74,6 @@ class Conversion:
         self._explicit: dict[str, bool] = {}
 
     # -- names -------------------------------------------------------------------------------------
-    @staticmethod
-    def _class_names(index: ModuleIndex) -> set[str]:
-        return index.class_names
-
     def _cased(self, snake: str, hints: set[str]) -> str:
         return self.book.cased(snake, hints)
 
