@@ -242,3 +242,20 @@ def test_ops_are_plain_printable_values():
     assert str(op) == "concat(dim=0, sizes=(64, 16, 16))"
     assert op.to_dict() == {"op": "concat", "dim": 0, "sizes": [64, 16, 16]}
     assert hash(op) == hash(Concat(0, [64, 16, 16]))
+
+
+def test_resolve_rejects_wrong_explicit_sizes_and_meta_planning_stays_cheap():
+    import subprocess
+    import sys
+
+    with pytest.raises(TransformError, match=r"input sizes along dim 0 are \[4, 2\]"):
+        Concat(0, (3, 3)).resolve([TensorMeta((4, 8), torch.float32), TensorMeta((2, 8), torch.float32)])
+    code = (
+        "import sys, torch\nfrom splice.transforms import Concat, Stack, Reorder, Pad, TensorMeta\n"
+        "m = TensorMeta((4, 3), torch.float32)\n"
+        "for op, ins in ((Concat(0), [m, m]), (Stack(0), [m, m]), (Reorder(0, (2, 2), (1, 0)), [m]), (Pad(0, 6), [m])):\n"
+        "    op.resolve(ins).infer(ins)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # shape propagation must not import torch._dynamo (~0.8 s)

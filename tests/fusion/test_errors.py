@@ -165,3 +165,25 @@ def test_fusing_two_models_in_two_threads():
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert not errors, errors
+
+
+def test_unfuse_refuses_to_drop_a_wrapper_put_over_a_fused_module():
+    model = tiny.causal_lm("llama")
+    splice.fuse(model, ["qkv", "gate_up"])
+    attn = model.model.layers[1].self_attn
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    attn.v_proj = Wrapper(attn.v_proj)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FusionError, match=r"'qkv' at model.layers.1.self_attn: v_proj is now a Wrapper, not what splice installed"):
+        splice.unfuse(model)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(bitwise_equal(after[k], v) for k, v in before.items())
+    assert hasattr(model.model.layers[0].self_attn, "qkv_proj")  # nothing was undone

@@ -42,7 +42,8 @@ class FusionRecord:
     child_order: list[str]  # the parent's children before fusing, to restore them in order
     requires_grad: dict[str, bool]
     layout: dict[str, Any] = field(default_factory=dict)
-    call: int = 0  # which fuse() call made it; one call and family make one WeightMap stage
+    call: int = 0
+    installed: dict[str, nn.Module] = field(default_factory=dict)  # the children splice put in place  # which fuse() call made it; one call and family make one WeightMap stage
 
     def rules(self) -> list[Rule]:
         """The plan as literal rules over model-level keys."""
@@ -275,7 +276,7 @@ def _apply(
     for key, (tensor, source_key) in outputs.items():
         _assign(module, key, tensor, requires_grad[source_key], where=f"{family!r} at {path or '<root>'}")
     return FusionRecord(
-        family, path, module, options, plan, originals, child_order, requires_grad, layout, call
+        family, path, module, options, plan, originals, child_order, requires_grad, layout, call, dict(children)
     )
 
 
@@ -335,6 +336,8 @@ def unfuse(model: nn.Module, *, family: str | None = None) -> int:
         raise FusionError(
             f"undo {blocking[0].family!r} at {blocking[0].path} first: it was applied on top of {family!r}"
         )
+    for record in chosen:
+        _check_restorable(model, record)
     for record in reversed(chosen):
         _restore(model, record)
         state.records.remove(record)
@@ -347,6 +350,18 @@ def unfuse(model: nn.Module, *, family: str | None = None) -> int:
 
 def _overlaps(record: FusionRecord, chosen: list[FusionRecord]) -> bool:
     return any(r.path.startswith(record.path) or record.path.startswith(r.path) for r in chosen)
+
+
+def _check_restorable(model: nn.Module, record: FusionRecord) -> None:
+    """Refuse before changing anything when something was put over what splice installed (e.g. LoRA)."""
+    where = f"{record.family!r} at {record.path or '<root>'}"
+    for name, child in record.installed.items():
+        current = record.parent._modules.get(name)
+        if current is not child:
+            raise FusionError(
+                f"{where}: {name} is now a {type(current).__name__}, not what splice installed; unfusing would drop it "
+                "(for a PEFT adapter: merge_and_unload() or unload() first)"
+            )
 
 
 def _restore(model: nn.Module, record: FusionRecord) -> None:
@@ -373,7 +388,13 @@ def original_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if state is None or not state.records:
         return runtime
     inverse = state.weight_map().invert()
-    plan = inverse.compile(runtime, {k: TensorMeta.of(t) for k, t in runtime.items()})
+    try:
+        plan = inverse.compile(runtime, {k: TensorMeta.of(t) for k, t in runtime.items()})
+    except WeightMapError as exc:
+        raise FusionError(
+            f"the model's tensors no longer fit its fusion record ({exc}); if an adapter wraps fused modules, "
+            "use splice.peft.save_adapter for the adapter and merge or unload it for the base weights"
+        ) from None
     out = dict(plan.run(runtime.__getitem__))
     order = {k: i for i, k in enumerate(state.original_keys)}
     return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))

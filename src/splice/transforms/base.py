@@ -222,3 +222,22 @@ def parse_op(text: str) -> Op:
     except ValueError as exc:
         raise TransformError(f"op arguments must be literals in {text!r}: {exc}") from None
     return op_from_dict(data)
+
+
+def cat(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat``, but shape arithmetic on meta tensors: the first meta ``torch.cat`` in a process
+    imports torch._dynamo (~0.8 s), which planning from headers should not pay."""
+    if tensors and all(t.is_meta for t in tensors):
+        shape = list(tensors[0].shape)
+        shape[dim] = sum(t.shape[dim] for t in tensors)
+        return torch.empty(shape, dtype=tensors[0].dtype, device="meta")
+    return torch.cat(list(tensors), dim)
+
+
+def stack(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.stack`` with the same meta shortcut as :func:`cat`."""
+    if tensors and all(t.is_meta for t in tensors):
+        shape = list(tensors[0].shape)
+        shape.insert(dim % (len(shape) + 1), len(tensors))
+        return torch.empty(shape, dtype=tensors[0].dtype, device="meta")
+    return torch.stack(list(tensors), dim)

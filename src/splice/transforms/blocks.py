@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import torch
 
-from splice.transforms.base import Op, TensorMeta, _argsort, _check_permutation, bitwise_equal
+from splice.transforms.base import Op, TensorMeta, _argsort, _check_permutation, bitwise_equal, cat
 from splice.transforms.layout import Split
 
 # block permutations: head interleaving, rotary half-splitting, per-rank [q_r | k_r | v_r] layouts
@@ -91,7 +91,7 @@ class Reorder(Op):
         [x] = tensors
         dim = self._dim(self.dim, x.dim())
         segments = Split(dim, self.sizes).apply([x])
-        return [torch.cat([segments[i] for i in self.order], dim)]
+        return [cat([segments[i] for i in self.order], dim)]
 
     def inverted(self) -> Reorder:
         return Reorder(self.dim, tuple(self.sizes[i] for i in self.order), _argsort(self.order))
@@ -200,7 +200,7 @@ class Pad(Op):
             raise self._fail(f"input size {current} along dim {dim} is already larger than {self.size}")
         shape = list(x.shape)
         shape[dim] = self.size - current
-        return [torch.cat([x, x.new_zeros(shape)], dim)]
+        return [cat([x, x.new_zeros(shape)], dim)]
 
     def inverted(self) -> Unpad:
         if self.original is None:

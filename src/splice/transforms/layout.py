@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import torch
 
-from splice.transforms.base import Op, TensorMeta, _shapes, _tuple
+from splice.transforms.base import Op, TensorMeta, _shapes, _tuple, cat, stack
 
 # concat <-> split: fusing q/k/v or gate/up along the output dim (uneven sizes for GQA)
 
@@ -33,7 +33,10 @@ class Concat(Op):
         if not metas:
             raise self._fail("expected at least 1 input tensor(s), got 0")
         dim = self._dim(self.dim, len(metas[0].shape))
-        return Concat(self.dim, tuple(m.shape[dim] for m in metas))
+        sizes = tuple(m.shape[dim] for m in metas)
+        if self.sizes is not None and sizes != self.sizes:
+            raise self._fail(f"input sizes along dim {dim} are {list(sizes)}")
+        return Concat(self.dim, sizes)
 
     def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         self._expect_count(tensors, len(self.sizes) if self.sizes else None)
@@ -50,7 +53,7 @@ class Concat(Op):
                 )
         if self.sizes is not None and tuple(t.shape[dim] for t in tensors) != self.sizes:
             raise self._fail(f"input sizes along dim {dim} are {[t.shape[dim] for t in tensors]}")
-        return [torch.cat(list(tensors), dim)]
+        return [cat(tensors, dim)]
 
     def inverted(self) -> Split:
         if self.sizes is None:
@@ -106,7 +109,7 @@ class Stack(Op):
         if any(t.shape != first.shape or t.dtype != first.dtype for t in tensors):
             raise self._fail(f"inputs must share shape and dtype; got {_shapes(tensors)}")
         self._dim(self.dim, first.dim() + 1)
-        return [torch.stack(list(tensors), self.dim)]
+        return [stack(tensors, self.dim)]
 
     def inverted(self) -> Unstack:
         return Unstack(self.dim)
