@@ -3,7 +3,7 @@ own fused route, and splice, each in a fresh process, side by side in one run.
 
     python benchmarks/bench_load.py [--workdir bench-out] [--repeats 5]
 
-Plain transformers memory-maps the weights, so the load alone hides the cost: each variant is timed
+Imports happen before the clock starts. Plain transformers memory-maps the weights, so the load alone hides the cost: each variant is timed
 through its first forward pass (batch 1, 32 tokens). Peak RSS is the child's maximum resident set.
 Also printed: the memcpy limit (reading every byte of the checkpoint into memory) and splice
 loading unfused. Targets: splice <= 1.5x plain's time and <= plain's peak RSS + 10%.
@@ -17,45 +17,39 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _hf_fused_route  # noqa: E402  (registers nothing until load() is called)
+import torch  # noqa: E402
 from _common import LlamaShape, human, llama_checkpoint, measure, median_of, summarize, warm_page_cache  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers.models.llama import modeling_llama  # noqa: E402, F401  (imported before the clock starts)
+
+import splice  # noqa: E402
 
 FUSION = {"qkv": True, "gate_up": True}
 
 
 def _first_forward(model) -> float:
-    import torch
-
     ids = torch.arange(3, 35).unsqueeze(0)
     with torch.no_grad():
         return float(model(ids).logits[0, -1, :4].sum())
 
 
 def plain(path: str) -> float:
-    from transformers import AutoModelForCausalLM
-
     return _first_forward(AutoModelForCausalLM.from_pretrained(path))
 
 
 def hf_fused(path: str) -> float:
-    import _hf_fused_route
-
     return _first_forward(_hf_fused_route.load(path))
 
 
 def splice_load(path: str, fused: bool) -> float:
-    from transformers import AutoModelForCausalLM
-
-    import splice
-
     return _first_forward(
         splice.from_pretrained(AutoModelForCausalLM, path, fusion_config=FUSION if fused else {})
     )
 
 
 def read_all(path: str) -> int:
-    """The memcpy limit: every byte of the checkpoint into memory (what any loader must at least do)."""
-    import torch
-
+    """The memcpy limit: every byte of the checkpoint into fresh memory, one thread (what a copying loader must do)."""
     total = 0
     for file in sorted(Path(path).glob("*.safetensors")):
         size = file.stat().st_size
