@@ -986,12 +986,18 @@ def test_writer_explicit_shard_plan(tmp_path):
 
 
 def test_map_is_a_zero_copy_private_view(tmp_path):
-    tensors = {"a": torch.randn(64, 33), "b": torch.arange(10, dtype=torch.int64), "c": torch.randn(7).to(torch.bfloat16)}
+    tensors = {
+        "a": torch.randn(64, 33),
+        "b": torch.arange(10, dtype=torch.int64),
+        "c": torch.randn(7).to(torch.bfloat16),
+    }
     save_state_dict(tensors, tmp_path / "ck")
     original = (tmp_path / "ck" / "model.safetensors").read_bytes()
     reader = CheckpointReader(tmp_path / "ck")
     mapped = {k: reader.map(k) for k in tensors}
-    assert reader.bytes_read == 0 and reader.bytes_mapped == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert reader.bytes_read == 0 and reader.bytes_mapped == sum(
+        t.numel() * t.element_size() for t in tensors.values()
+    )
     reader.close()
     for key, tensor in tensors.items():
         assert torch.equal(mapped[key], tensor) and mapped[key].dtype == tensor.dtype  # valid after close()

@@ -182,7 +182,10 @@ def test_unfuse_refuses_to_drop_a_wrapper_put_over_a_fused_module():
 
     attn.v_proj = Wrapper(attn.v_proj)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(FusionError, match=r"'qkv' at model.layers.1.self_attn: v_proj is now a Wrapper, not what splice installed"):
+    with pytest.raises(
+        FusionError,
+        match=r"'qkv' at model.layers.1.self_attn: v_proj is now a Wrapper, not what splice installed",
+    ):
         splice.unfuse(model)
     after = model.state_dict()
     assert list(after) == list(before) and all(bitwise_equal(after[k], v) for k, v in before.items())

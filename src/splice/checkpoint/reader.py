@@ -263,7 +263,9 @@ class CheckpointReader:
         storage = self._storages.get(shard.path)
         if storage is None:
             size = shard.file.size()
-            storage = self._storages[shard.path] = torch.UntypedStorage.from_file(str(shard.path), False, size)
+            storage = self._storages[shard.path] = torch.UntypedStorage.from_file(
+                str(shard.path), False, size
+            )
         tensor = torch.empty(0, dtype=meta.dtype)
         tensor.set_(storage, entry.start // meta.dtype.itemsize, meta.shape)
         with self._lock:

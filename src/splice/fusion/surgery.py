@@ -43,7 +43,9 @@ class FusionRecord:
     requires_grad: dict[str, bool]
     layout: dict[str, Any] = field(default_factory=dict)
     call: int = 0
-    installed: dict[str, nn.Module] = field(default_factory=dict)  # the children splice put in place  # which fuse() call made it; one call and family make one WeightMap stage
+    installed: dict[str, nn.Module] = field(
+        default_factory=dict
+    )  # the children splice put in place  # which fuse() call made it; one call and family make one WeightMap stage
 
     def rules(self) -> list[Rule]:
         """The plan as literal rules over model-level keys."""
@@ -276,7 +278,17 @@ def _apply(
     for key, (tensor, source_key) in outputs.items():
         _assign(module, key, tensor, requires_grad[source_key], where=f"{family!r} at {path or '<root>'}")
     return FusionRecord(
-        family, path, module, options, plan, originals, child_order, requires_grad, layout, call, dict(children)
+        family,
+        path,
+        module,
+        options,
+        plan,
+        originals,
+        child_order,
+        requires_grad,
+        layout,
+        call,
+        dict(children),
     )
 
 
