@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 from splice.fusion.spec import FusionOptions, ModuleFusionSpec
 from splice.transforms import Concat
@@ -42,20 +44,55 @@ class SharedGEMM:
         self._local = threading.local()
 
     @property
+    def bounds(self) -> tuple[tuple[int, int], ...]:
+        """Rows of each part in the fused output (per rank under tensor parallelism)."""
+        return self._bounds
+
+    @bounds.setter
+    def bounds(self, bounds: tuple[tuple[int, int], ...]) -> None:
+        self._bounds = tuple(tuple(b) for b in bounds)
+        self._split = [b - a for a, b in self._bounds]
+        if self._bounds[0][0] != 0 or any(a[1] != b[0] for a, b in zip(self._bounds, self._bounds[1:])):
+            raise ValueError(f"fused part bounds must tile the output from 0: {self._bounds}")
+
+    @property
     def fused(self) -> nn.Module:
-        return getattr(self.parent, self.fused_name)
+        return self.parent._modules[self.fused_name]
 
     def __call__(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # In a traced graph a Python-side cache would be guarded on and recompiled every call, and the
+            # compiler does not merge identical GEMMs: each sibling multiplies by its own rows instead.
+            return self._rows(x, index)
         local = self._local
         entry = getattr(local, "entry", None)
-        version = _version(x)
-        if entry is not None and entry[0] is x and entry[1] == version and not entry[3] & (1 << index):
-            output, read = entry[2], entry[3] | (1 << index)
+        bit = 1 << index
+        if entry is not None and entry[0] is x and not entry[3] & bit and entry[1] == _version(x):
+            pieces, read = entry[2], entry[3] | bit
         else:
-            output, read = self.fused(x), 1 << index
-        local.entry = None if read == self._full else (x, version, output, read)
-        start, stop = self.bounds[index]
-        return output[..., start:stop]
+            pieces, read = self._compute(x), bit
+        local.entry = None if read == self._full else (x, _version(x), pieces, read)
+        return pieces[index]
+
+    def _compute(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        module = self.parent._modules[self.fused_name]
+        if type(module) is nn.Linear and not (
+            module._forward_hooks or module._forward_pre_hooks or _global_hooks()
+        ):
+            output = F.linear(
+                x, module._parameters["weight"], module._parameters["bias"]
+            )  # skip Module.__call__
+        else:  # a wrapper (LoRA, tensor-parallel hooks): let it run
+            output = module(x)
+        return output.split(self._split, dim=-1)  # one op for all the views, not one slice per sibling
+
+    def _rows(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        module = self.parent._modules[self.fused_name]
+        start, stop = self._bounds[index]
+        if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+            return module(x)[..., start:stop]  # a wrapper (LoRA on the fused Linear, TP hooks) must run
+        weight, bias = module.weight, module.bias
+        return F.linear(x, weight[start:stop], None if bias is None else bias[start:stop])
 
     def clear(self) -> None:
         self._local.entry = None
@@ -76,6 +113,15 @@ class SharedGEMM:
         return new
 
 
+def _global_hooks() -> bool:
+    return bool(
+        _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
+    )
+
+
 def _version(x: torch.Tensor) -> int:
     # inference tensors have no version counter; nothing can modify them in place between sibling calls
     return -1 if x.is_inference() else x._version
@@ -94,20 +140,42 @@ class LinearSlice(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.shared(x, self.index)
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Module.__call__ costs ~2 us per call in its hook bookkeeping; three slices per attention make it
+        # the dominant overhead at batch 1. Take the short path only when there is no hook to honour.
+        if (
+            len(args) == 1
+            and not kwargs
+            and not (
+                self._forward_hooks
+                or self._forward_pre_hooks
+                or self._backward_hooks
+                or self._backward_pre_hooks
+                or _global_hooks()
+            )
+        ):
+            return self.shared(args[0], self.index)
+        return super().__call__(*args, **kwargs)
+
     @property
     def weight(self) -> torch.Tensor:
         start, stop = self.shared.bounds[self.index]
-        return base_layer(self.shared.fused).weight[start:stop]
+        return _local(base_layer(self.shared.fused).weight)[start:stop]
 
     @property
     def bias(self) -> torch.Tensor | None:
         bias = base_layer(self.shared.fused).bias
         start, stop = self.shared.bounds[self.index]
-        return None if bias is None else bias[start:stop]
+        return None if bias is None else _local(bias)[start:stop]
 
     def extra_repr(self) -> str:
         start, stop = self.shared.bounds[self.index]
         return f"in_features={self.in_features}, out_features={self.out_features}, rows [{start}:{stop}] of {self.shared.fused_name}"
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a sharded (DTensor) parameter; bounds are local under tensor parallelism."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def base_layer(module: nn.Module) -> nn.Module:
