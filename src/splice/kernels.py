@@ -140,19 +140,27 @@ def rms_norm_gated_mlp(chain: FusedChain, x: torch.Tensor) -> torch.Tensor:
     return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
+def _run_in_order(chain: FusedChain, *args: Any, **kwargs: Any) -> Any:
+    out = args
+    for i, name in enumerate(chain.names):
+        out = getattr(chain, name)(*(out if i == 0 else (out,)), **(kwargs if i == 0 else {}))
+    return out
+
+
+_compiled_run: Callable[..., Any] | None = None
+
+
 def compiled(chain: FusedChain, *args: Any, **kwargs: Any) -> Any:
-    """The chain's own forward compiled with torch.compile (inductor), once per chain instance."""
-    fn = chain.__dict__.get("_compiled_forward")
-    if fn is None:
+    """The chain run in order under torch.compile (inductor).
 
-        def run(*a: Any, **k: Any) -> Any:
-            out = a
-            for i, name in enumerate(chain.names):
-                out = getattr(chain, name)(*(out if i == 0 else (out,)), **(k if i == 0 else {}))
-            return out
-
-        fn = chain.__dict__["_compiled_forward"] = torch.compile(run, dynamic=True)
-    return fn(*args, **kwargs)
+    One compiled function serves every chain: dynamo lifts the chain's parameters to graph inputs, so
+    the 24 norm+MLP chains of a 24-layer model share one graph instead of compiling (and guarding on)
+    one closure each, which would also run into dynamo's per-function cache limit.
+    """
+    global _compiled_run
+    if _compiled_run is None:
+        _compiled_run = torch.compile(_run_in_order, dynamic=True)
+    return _compiled_run(chain, *args, **kwargs)
 
 
 register_kernel("rms_norm_gated_mlp", rms_norm_gated_mlp, matches=_matches_rms_norm_mlp)
