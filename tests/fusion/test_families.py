@@ -242,3 +242,20 @@ def test_unfuse_one_family_keeps_the_others():
     assert_state_equal(splice.original_state_dict(model), before)
     splice.unfuse(model)
     assert_state_equal(model.state_dict(), before)
+
+
+def test_fused_model_compiles_without_recompiling():
+    """Under torch.compile each slice multiplies by its own rows: no Python-side cache for dynamo to guard on."""
+    import torch._dynamo
+
+    model = tiny.causal_lm("llama")
+    splice.fuse(model, {"qkv": True, "gate_up": True})
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        compiled(tiny.token_ids(seed=0))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for seed in (1, 2):
+                ids = tiny.token_ids(seed=seed)
+                torch.testing.assert_close(compiled(ids).logits, model(ids).logits)
+    torch._dynamo.reset()

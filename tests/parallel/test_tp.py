@@ -111,6 +111,7 @@ def test_world_2_sharded_source(workdir):
     assert local["num_key_value_groups"] == 2 and local["class_untouched"]
     assert local["gate_up_proj"] == (96, 64) and local["gate_up_bounds"] == ((0, 48), (48, 96))
     assert local["down_proj"] == (64, 48) and local["embed"] == (64, 64) and local["norm_is_plain"]
+    assert local["k_slice_is_local"]
     half = tiny.T.AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
     with torch.no_grad():
         half_logits = half(IDS).logits

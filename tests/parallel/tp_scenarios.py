@@ -96,6 +96,12 @@ def llama(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tenso
         "down_proj": tuple(mlp.down_proj.weight.to_local().shape),
         "embed": tuple(model.model.embed_tokens.weight.to_local().shape),
         "norm_is_plain": type(model.model.norm.weight.data) is torch.Tensor,
+        # a slice's weight is this rank's k rows of the local fused weight, as a plain tensor
+        "k_slice_is_local": type(attention.k_proj.weight) is torch.Tensor
+        and torch.equal(
+            attention.k_proj.weight,
+            attention.qkv_proj.weight.to_local()[slice(*attention.q_proj.shared.bounds[1])],
+        ),
     }
     out["bytes"] = {
         "total": parallel.bytes_read,
