@@ -1,18 +1,34 @@
-"""Suite-wide options: ``--runslow`` runs the tests marked ``slow`` (long scenarios, big shapes)."""
+"""Suite-wide options.
+
+``--runslow`` runs the tests marked ``slow`` (long scenarios, big shapes); ``--runcorpus`` (or
+``SPLICE_RUNCORPUS=1``) runs the tests marked ``corpus``: the modular converter over every modular
+file the installed transformers ships.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+    parser.addoption(
+        "--runcorpus",
+        action="store_true",
+        default=False,
+        help="compare the modular converter with every modular file shipped in the installed transformers",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: pass --runslow")
+    skips = {}
+    if not config.getoption("--runslow"):
+        skips["slow"] = pytest.mark.skip(reason="slow: pass --runslow")
+    if not (config.getoption("--runcorpus") or os.environ.get("SPLICE_RUNCORPUS") == "1"):
+        skips["corpus"] = pytest.mark.skip(reason="full corpus: pass --runcorpus or set SPLICE_RUNCORPUS=1")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)

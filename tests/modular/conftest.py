@@ -2,36 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 
 import pytest
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--runcorpus",
-        action="store_true",
-        default=False,
-        help="compare the converter with every modular file shipped in the installed transformers",
-    )
-
-
-def corpus_requested(config: pytest.Config) -> bool:
-    """``pytest tests/modular --runcorpus``, or SPLICE_RUNCORPUS=1 from anywhere."""
-    return bool(config.getoption("--runcorpus", default=False)) or os.environ.get("SPLICE_RUNCORPUS") == "1"
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if corpus_requested(config):
-        return
-    skip = pytest.mark.skip(
-        reason="full corpus: pass --runcorpus (pytest tests/modular) or set SPLICE_RUNCORPUS=1"
-    )
-    for item in items:
-        if "corpus" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 By default a fixed sample of 32 files must come out identical (every top-level class, function and
 assignment of every generated file, by AST). The full corpus (326 files) runs with
-``pytest tests/modular --runcorpus`` (or SPLICE_RUNCORPUS=1) and must match at least 98%.
+``pytest --runcorpus`` (or SPLICE_RUNCORPUS=1) and must match at least 98%.
 """
 
 from __future__ import annotations
