@@ -57,6 +57,7 @@ def get_peft_model(
     """
     import peft
 
+    _refuse_tensor_parallel(model)
     config = adapt_peft_config(model, lora_config)
     _refuse_bypassing_kernels(base_model(model), config)
     if isinstance(model, peft.PeftModel):
@@ -117,6 +118,18 @@ def _load_adapter(
 
 
 _METHODS = {"add_adapter": _add_adapter, "load_adapter": _load_adapter}
+
+
+def _refuse_tensor_parallel(model: nn.Module) -> None:
+    """PEFT layers on DTensor bases are not wired up: their plain factors would see local shards as whole."""
+    from splice.parallel.state import STATE_ATTR
+
+    if STATE_ATTR in base_model(model).__dict__:
+        raise AdapterError(
+            f"{type(base_model(model)).__name__} is loaded tensor-parallel; LoRA layers on its sharded Linears are "
+            "not supported yet. Train or apply the adapter on an unsharded model (one process), or move the "
+            "adapter tensors with splice.parallel.shard_lora / consolidate_lora"
+        )
 
 
 def _refuse_bypassing_kernels(model: nn.Module, config: Any) -> None:
@@ -301,6 +314,7 @@ def load_adapter(
             "fuse_lora=True builds block-diagonal LoRAs for inference; training them would let the zero blocks "
             "learn (k would change where the adapter only targets q and v). Load with fuse_lora=False to train"
         )
+    _refuse_tensor_parallel(model)
     config = peft.PeftConfig.from_pretrained(str(adapter_dir))
     _check_lora(config)
     state, metadata = _read(Path(adapter_dir))
