@@ -546,17 +546,36 @@ def save_pretrained(
     if kwargs:
         raise LoadError(f"unknown keyword argument(s) for save_pretrained: {sorted(kwargs)}")
     state = get_state(model)
-    if state_dict is None:
-        gather = getattr(state, "gather_state_dict", None)
-        if gather is not None:  # set by splice.parallel when the model was loaded sharded
-            state_dict = gather(model, original=save_original_format)
-            if state_dict is None:  # not rank 0: it took part in the gather; rank 0 writes
-                return Path(save_directory)
-        else:
+    out = Path(save_directory)
+    gather = getattr(state, "gather_state_dict", None) if state_dict is None else None
+    if gather is None:
+        if state_dict is None:
             state_dict = original_state_dict(model) if save_original_format else model.state_dict()
+        _write_checkpoint(model, state, state_dict, out, save_original_format, max_shard_size)
+        return out
+    # a model loaded sharded by splice.parallel: every rank gathers, rank 0 writes, and every rank returns
+    # only once the checkpoint is in place, or raises if any rank failed
+    try:
+        state_dict = gather(model, original=save_original_format)
+        if state_dict is not None:  # rank 0
+            _write_checkpoint(model, state, state_dict, out, save_original_format, max_shard_size)
+    except BaseException as exc:
+        state.finish_save(exc)
+        raise
+    state.finish_save(None)
+    return out
+
+
+def _write_checkpoint(
+    model: nn.Module,
+    state: Any,
+    state_dict: dict[str, torch.Tensor],
+    out: Path,
+    save_original_format: bool,
+    max_shard_size: int | str | None,
+) -> None:
     tensors = _checkpoint_layout(model, state_dict)
     metas = {k: TensorMeta.of(t) for k, t in tensors.items()}
-    out = Path(save_directory)
     shards = _source_shards(model, metas) if save_original_format and max_shard_size is None else None
     with CheckpointWriter(
         out,
@@ -570,7 +589,6 @@ def save_pretrained(
         _carry_over(out, writer.staging_dir)
         for key, tensor in tensors.items():
             writer.write(key, tensor)
-    return out
 
 
 def _checkpoint_layout(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -171,6 +171,12 @@ def test_world_4_replicated_kv_and_padded_mlp(workdir):
             else out["diverged"] is None
         )
         assert "non-zero values" in out["dirty_padding"] if rank == 0 else out["dirty_padding"] is None
+        assert "copy 1 of block 0 differs from copy 0" in out["diverged_save"]
+        if rank:
+            assert (
+                "save_pretrained failed on another rank, nothing was written: rank 0" in out["diverged_save"]
+            )
+    assert not (workdir / "diverged-4").exists()
 
     # bytes read: a quarter of every sharded weight, except that kv heads are read by 2 ranks each
     checkpoint = load_state_dict(source)

@@ -168,6 +168,10 @@ def llama(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tenso
             if rank == 1:
                 local[k_start] += 1.0
             out["diverged"] = _error(lambda: gather_state_dict(model))
+            # save_pretrained: rank 0 refuses, and every other rank raises too instead of returning
+            out["diverged_save"] = _error(
+                lambda: splice.save_pretrained(model, workdir / f"diverged-{world}")
+            )
             local[k_start] = kept
             gate_up = mlp.gate_up_proj.weight.data.to_local()
             if rank == world - 1:

@@ -51,6 +51,23 @@ class ParallelState:
 
             state = _ensure_state(model)
         state.gather_state_dict = gather_state_dict
+        state.finish_save = finish_save
+
+
+def finish_save(error: BaseException | None) -> None:
+    """Every rank's last step of ``save_pretrained``: all agree on the outcome before any returns.
+
+    Rank 0 writes while the others wait here, so no rank goes on to read the checkpoint before it is in
+    place; if any rank failed (rank 0's write, or refusing diverged replicas), the others raise too.
+    """
+    import torch.distributed as dist
+
+    mine = None if error is None else f"rank {dist.get_rank()}: {type(error).__name__}: {error}"
+    outcomes: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, mine)
+    failed = [o for o in outcomes if o is not None]
+    if failed and error is None:
+        raise SpliceError(f"save_pretrained failed on another rank, nothing was written: {failed[0]}")
 
 
 def get_parallel_state(model: nn.Module) -> ParallelState:
