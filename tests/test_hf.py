@@ -103,6 +103,44 @@ def test_other_architectures_load_fused(kind, tmp_path):
     assert same_files(path, splice.save_pretrained(model, tmp_path / "out")) == []
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_moe_checkpoints_with_per_expert_tensors(kind, tmp_path):
+    """transformers stacks per-expert tensors while loading (MergeModulelist + Concatenate); so does splice."""
+    path = tiny.save(tiny.causal_lm(kind), tmp_path / kind, max_shard_size="150KB")
+    checkpoint = load_state_dict(path)
+    experts = [k for k in checkpoint if ".experts.3." in k]
+    assert experts and len(list(path.glob("model-*.safetensors"))) > 1  # per-expert keys, several files
+    plain = T.AutoModelForCausalLM.from_pretrained(path)
+    model = splice.from_pretrained(T.AutoModelForCausalLM, path, fusion_config=["qkv"])
+    runtime = dict(model.named_parameters())
+    for name, param in plain.named_parameters():  # the stacked [E, 2 * inter, hidden] tensors, bitwise
+        if ".experts." in name:
+            assert bitwise_equal(runtime[name], param), name
+    ids = {"input_ids": tiny.token_ids()}
+    torch.testing.assert_close(logits(model, ids), logits(plain, ids), rtol=0, atol=1e-5)
+    assert same_files(path, splice.save_pretrained(model, tmp_path / "out")) == []
+
+
+def test_moe_checkpoint_missing_an_expert_tensor_is_an_error_naming_it(tmp_path):
+    path = tiny.save(tiny.causal_lm("mixtral"), tmp_path / "mixtral")
+    bad = copy_checkpoint(
+        path, tmp_path / "bad", lambda sd: sd.pop("model.layers.1.block_sparse_moe.experts.4.w3.weight")
+    )
+    with pytest.raises(
+        LoadError,
+        match=r"model.layers.1.mlp.experts.gate_up_proj: expert 4 has no '.experts.\*.w3.weight' tensor",
+    ):
+        splice.from_pretrained(T.AutoModelForCausalLM, bad)
+    bad = copy_checkpoint(
+        path, tmp_path / "bad2", lambda sd: sd.pop("model.layers.0.block_sparse_moe.experts.2.w2.weight")
+    )
+    with pytest.raises(
+        LoadError,
+        match=r"indices \[2\] are missing among model.layers.0.block_sparse_moe.experts.2.w2.weight",
+    ):
+        splice.from_pretrained(T.AutoModelForCausalLM, bad)
+
+
 def test_phi3_qkv_split(tmp_path):
     path = tiny.save(tiny.causal_lm("phi3"), tmp_path / "phi3")
     model = splice.from_pretrained(T.AutoModelForCausalLM, path, fusion_config=["qkv_split"])

@@ -21,6 +21,7 @@ from splice.transforms import (
     PermuteBlocks,
     Reorder,
     RepeatBlocks,
+    Reshape,
     Split,
     Stack,
     TensorMeta,
@@ -123,6 +124,17 @@ def test_transpose(shape, dtype, seed, data):
     check_round_trip(Transpose(d0, d1), [tensor(shape, dtype, seed)])
 
 
+@given(shape_st, dtype_st, seed_st, st.data())
+def test_reshape(shape, dtype, seed, data):
+    x = tensor(shape, dtype, seed)
+    # any factorization of the elements: split the first dim's size into two factors, move the rest
+    n = shape[0]
+    a = data.draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0]))
+    op = Reshape((a, n // a, *shape[1:])).resolve([TensorMeta.of(x)])
+    [y] = check_round_trip(op, [x])
+    assert y.shape == (a, n // a, *shape[1:]) and bitwise_equal(y.flatten(), x.flatten())
+
+
 @given(st.lists(st.integers(1, 4), min_size=1, max_size=4), st.integers(1, 3), dtype_st, seed_st, st.data())
 def test_permute_blocks(blocks, other, dtype, seed, data):
     perm = tuple(data.draw(st.permutations(range(len(blocks)))))
@@ -205,6 +217,8 @@ def test_absorb_refuses_a_scale_that_does_not_divide_back():
         (Split(0, (2, 2)), [torch.zeros(5)], "sizes add up to 4"),
         (Split(3, (1,)), [torch.zeros(5)], "dim 3 is out of range"),
         (Stack(0), [torch.zeros(2), torch.zeros(3)], "must share shape"),
+        (Reshape((4, 2)), [torch.zeros(3, 3)], "has 9 elements, not 8"),
+        (Reshape((3, 3), (9,)), [torch.zeros(3, 3)], r"input has shape \[3, 3\]"),
         (ConvToLinear(), [torch.zeros(2, 3)], "expected a conv weight"),
         (LinearToConv((2, 2)), [torch.zeros(2, 6)], r"\[out, in \* 4\]"),
         (PermuteBlocks(0, (3, -1), (1, 0)), [torch.zeros(4)], "not divisible into blocks"),
@@ -224,6 +238,8 @@ def test_unresolved_ops_cannot_be_inverted():
         Concat(0).inverted()
     with pytest.raises(TransformError, match="before its kernel is known"):
         ConvToLinear().inverted()
+    with pytest.raises(TransformError, match="before its input shape is known"):
+        Reshape((2, 2)).inverted()
 
 
 def test_op_descriptions_reject_unknown_names_and_fields():

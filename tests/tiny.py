@@ -25,12 +25,15 @@ TEXT = dict(
 )
 
 
+MOE = dict(num_local_experts=5, num_experts=5, num_experts_per_tok=2)
+
+
 def llama_config(**overrides) -> T.LlamaConfig:
     return T.LlamaConfig(**{**TEXT, **overrides})
 
 
 def causal_lm(kind: str, seed: int = 0, **overrides):
-    """A tiny causal LM of the given architecture: llama, mistral, qwen2, qwen3, gemma, gemma2, phi3."""
+    """A tiny causal LM: llama, mistral, qwen2, qwen3, gemma, gemma2, phi3, mixtral, qwen2_moe, qwen3_moe."""
     torch.manual_seed(seed)
     configs = {
         "llama": lambda: T.LlamaConfig(**{**TEXT, **overrides}),
@@ -40,6 +43,12 @@ def causal_lm(kind: str, seed: int = 0, **overrides):
         "gemma": lambda: T.GemmaConfig(**{**TEXT, "head_dim": 16, **overrides}),
         "gemma2": lambda: T.Gemma2Config(**{**TEXT, "head_dim": 16, **overrides}),
         "phi3": lambda: T.Phi3Config(**{**TEXT, **overrides}),  # ships qkv_proj and gate_up_proj natively
+        # MoE: checkpoints hold one tensor per expert, the models one stacked [E, ...] tensor per projection
+        "mixtral": lambda: T.MixtralConfig(**{**TEXT, **MOE, **overrides}),
+        "qwen2_moe": lambda: T.Qwen2MoeConfig(
+            **{**TEXT, **MOE, "moe_intermediate_size": 48, "shared_expert_intermediate_size": 80, **overrides}
+        ),
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(**{**TEXT, **MOE, "moe_intermediate_size": 40, **overrides}),
     }
     config = configs[kind]()
     model = T.AutoModelForCausalLM.from_config(config)

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from torch import nn
 from splice.checkpoint import CheckpointReader, CheckpointWriter
 from splice.errors import CheckpointError, LoadError, WeightMapError
 from splice.fusion.surgery import SpliceState, fuse, get_state, original_state_dict, unfuse
-from splice.transforms import TensorMeta
+from splice.transforms import Concat, Reshape, Stack, TensorMeta, Transpose
 from splice.weightmap import Plan, Rule, Step, WeightMap
 
 logger = logging.getLogger("splice")
@@ -216,6 +217,7 @@ def prepare(
 
     with CheckpointReader(local) as reader:
         keys = reader.keys()
+        checkpoint_metas = reader.metas()
         target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, config, reader)
     model = build_on_meta(model_cls, config, attn_implementation, target_dtype)
     original_keys = list(model.state_dict(keep_vars=True))
@@ -232,7 +234,9 @@ def prepare(
     checkpoint_keys_space = (
         list(model.state_dict(keep_vars=True)) if stored == requested and stored else original_keys
     )
-    renames, transforms = checkpoint_renames(model, keys, checkpoint_keys_space, key_mapping)
+    renames, transforms = checkpoint_renames(
+        model, keys, checkpoint_keys_space, key_mapping, checkpoint_metas
+    )
     weight_map = renames if stored == requested and stored else renames.then(layout_map)
     missing_ok = set(getattr(model, "all_tied_weights_keys", {}) or {})
     dtype_plan = model._get_dtype_plan(target_dtype) if target_dtype is not None else {}
@@ -381,9 +385,20 @@ def _all_configs(config: Any) -> list[Any]:
 
 
 def checkpoint_renames(
-    model: nn.Module, checkpoint_keys: list[str], model_keys: list[str], key_mapping: dict[str, str] | None
+    model: nn.Module,
+    checkpoint_keys: list[str],
+    model_keys: list[str],
+    key_mapping: dict[str, str] | None,
+    metas: Mapping[str, TensorMeta] | None = None,
 ) -> tuple[WeightMap, list[Any]]:
-    """Transformers' own checkpoint-key -> model-key renames for this model, as a WeightMap stage."""
+    """Transformers' own checkpoint-key -> model-key conversions for this model, as a WeightMap stage.
+
+    Renames become renames. Of transformers' ``WeightConverter``s, the ones every MoE model of the
+    Mixtral and Qwen2-MoE families uses become exact ops: ``MergeModulelist(dim=0)`` (per-expert
+    ``down_proj`` -> one ``[E, out, in]`` tensor) and ``MergeModulelist(dim=0), Concatenate(dim=1)``
+    (per-expert gate and up -> ``[E, 2 * inter, hidden]``), and so does a plain ``Concatenate``. Other
+    converters are refused by name.
+    """
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
@@ -392,20 +407,93 @@ def checkpoint_renames(
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     present = dict.fromkeys(model_keys, True)
     rules = []
+    converted: dict[tuple[int, str], dict[int, list[str]]] = {}
     for key in checkpoint_keys:
         new, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, present)
         if new not in present and key in present:
             new, pattern = rename_source_key(key, [], [], model.base_model_prefix, present)
         if pattern is not None:
-            converter = next(c for c in converters if pattern in c.source_patterns)
-            raise LoadError(
-                f"{key}: transformers converts this checkpoint key with {type(converter).__name__}"
-                f"({converter.source_patterns} -> {converter.target_patterns}, {converter.operations}); "
-                "splice does not translate that conversion yet"
-            )
-        if new != key:
+            index = next(i for i, c in enumerate(converters) if pattern in c.source_patterns)
+            slot = list(converters[index].source_patterns).index(pattern)
+            converted.setdefault((index, new), {}).setdefault(slot, []).append(key)
+        elif new != key:
             rules.append(Rule((key,), (new,)))
+    for (index, target), slots in converted.items():
+        rules.append(_converter_rule(converters[index], target, slots, metas or {}))
     return WeightMap.of(rules), transforms
+
+
+def _converter_rule(
+    converter: Any, target: str, slots: dict[int, list[str]], metas: Mapping[str, TensorMeta]
+) -> Rule:
+    """One transformers ``WeightConverter`` application (all its source keys for one target) as a Rule."""
+    patterns = list(converter.source_patterns)
+    operations = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
+    described = (
+        f"{type(converter).__name__}({patterns} -> {converter.target_patterns}, {converter.operations})"
+    )
+    some = next(iter(slots.values()))[0]
+    missing = [p for i, p in enumerate(patterns) if i not in slots]
+    if missing:
+        raise LoadError(
+            f"{target}: transformers builds it from {patterns} but the checkpoint has no key matching {missing[0]!r} "
+            f"(it has {some})"
+        )
+    merged = operations[:1] == [("MergeModulelist", 0)]
+    if merged and (operations[1:] == [] and len(patterns) == 1 or operations[1:] == [("Concatenate", 1)]):
+        sources, experts = [], None
+        for i, pattern in enumerate(patterns):
+            found, texts = {}, set()
+            for key in slots[i]:
+                text, number = _collected_index(key, pattern, described)
+                found[number] = key
+                texts.add(text)
+            if len(texts) != 1:
+                raise LoadError(
+                    f"{target}: the keys matching {pattern!r} differ beyond the expert index: {sorted(texts)[:2]}"
+                )
+            sources.append(texts.pop())
+            if experts is None:
+                experts = found
+            elif sorted(found) != sorted(experts):
+                lone = sorted(set(found) ^ set(experts))[0]
+                raise LoadError(
+                    f"{target}: expert {lone} has {'no' if lone not in found else 'an'} {pattern!r} tensor while the "
+                    f"other source pattern(s) {'have' if lone not in found else 'do not'}; every expert needs all of {patterns}"
+                )
+        assert experts is not None
+        count = len(experts)
+        meta = metas.get(experts[min(experts)])
+        if len(patterns) == 1:
+            return Rule(tuple(sources), (target,), (Stack(0),))
+        if meta is None:
+            raise LoadError(f"{target}: the shapes of its source tensors are needed to convert them")
+        shape = tuple(meta.shape)
+        ops = (  # stack every source's experts, then lay them out expert-major: [E, k * out, in]
+            Stack(0),
+            Reshape((len(patterns), count, *shape)),
+            Transpose(0, 1),
+            Reshape((count, len(patterns) * shape[0], *shape[1:])),
+        )
+        return Rule(tuple(sources), (target,), ops)
+    if len(operations) == 1 and operations[0][0] == "Concatenate" and all("*" not in p for p in patterns):
+        if any(len(slots[i]) != 1 for i in range(len(patterns))):
+            raise LoadError(f"{target}: several checkpoint keys match one source of {described}")
+        return Rule(tuple(slots[i][0] for i in range(len(patterns))), (target,), (Concat(operations[0][1]),))
+    raise LoadError(
+        f"{some}: transformers converts this checkpoint key with {described}; splice translates MergeModulelist(dim=0) "
+        "[+ Concatenate(dim=1)] and Concatenate, not this conversion yet"
+    )
+
+
+def _collected_index(key: str, pattern: str, described: str) -> tuple[str, int]:
+    """``key`` with the expert index that ``*`` stands for in transformers' ``pattern`` replaced by ``#``."""
+    match = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+    if match is None or match.lastindex != 1:
+        raise LoadError(
+            f"{key}: cannot find the expert index of {pattern!r} in it (converting with {described})"
+        )
+    return key[: match.start(1)] + "#" + key[match.end(1) :], int(match.group(1))
 
 
 def load_step(reader: CheckpointReader, step: Step, dtypes: dict[str, torch.dtype]) -> list[torch.Tensor]:

@@ -37,7 +37,16 @@ from splice.transforms.base import (
     resolve_ops,
 )
 from splice.transforms.blocks import DedupBlocks, Pad, PermuteBlocks, Reorder, RepeatBlocks, Unpad
-from splice.transforms.layout import Concat, ConvToLinear, LinearToConv, Split, Stack, Transpose, Unstack
+from splice.transforms.layout import (
+    Concat,
+    ConvToLinear,
+    LinearToConv,
+    Reshape,
+    Split,
+    Stack,
+    Transpose,
+    Unstack,
+)
 from splice.transforms.scale import AbsorbScale, UnabsorbScale
 
 __all__ = [
@@ -50,6 +59,7 @@ __all__ = [
     "ConvToLinear",
     "LinearToConv",
     "Transpose",
+    "Reshape",
     "PermuteBlocks",
     "Reorder",
     "RepeatBlocks",

@@ -1,4 +1,4 @@
-"""Layout ops: concat/split, stack/unstack, conv/linear, transpose."""
+"""Layout ops: concat/split, stack/unstack, conv/linear, transpose, reshape."""
 
 from __future__ import annotations
 
@@ -221,3 +221,53 @@ class Transpose(Op):
 
     def inverted(self) -> Transpose:
         return self
+
+
+# --------------------------------------------------------------------------------------------------
+# reshape: same elements in the same row-major order, other dims (e.g. [k*E, a, b] <-> [k, E, a, b])
+
+
+@dataclass(frozen=True)
+class Reshape(Op):
+    """Give one tensor another shape with the same elements. ``source`` (its input shape) is learned by
+    :meth:`resolve` and is what the inverse reshapes back to."""
+
+    name: ClassVar[str] = "reshape"
+    shape: tuple[int, ...] = ()
+    source: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(self.shape))
+        object.__setattr__(self, "source", _tuple(self.source))
+        if any(n < 0 for n in self.shape) or any(n < 0 for n in self.source or ()):
+            raise self._fail("shapes must be explicit non-negative sizes")
+
+    @property
+    def resolved(self) -> bool:
+        return self.source is not None
+
+    def resolve(self, metas: Sequence[TensorMeta]) -> Reshape:
+        if len(metas) != 1:
+            raise self._fail(f"expected 1 input tensor(s), got {len(metas)}")
+        source = tuple(metas[0].shape)
+        if self.source is not None and source != self.source:
+            raise self._fail(f"input has shape {list(source)}")
+        return Reshape(self.shape, source)
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self._expect_count(tensors, 1)
+        [x] = tensors
+        if self.source is not None and tuple(x.shape) != self.source:
+            raise self._fail(f"input has shape {list(x.shape)}")
+        if x.numel() != math.prod(self.shape):
+            raise self._fail(
+                f"input of shape {list(x.shape)} has {x.numel()} elements, not {math.prod(self.shape)}"
+            )
+        return [x.reshape(self.shape)]
+
+    def inverted(self) -> Reshape:
+        if self.source is None:
+            raise self._fail(
+                "cannot be inverted before its input shape is known; resolve it against input shapes"
+            )
+        return Reshape(self.source, self.shape)
