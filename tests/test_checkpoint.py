@@ -32,7 +32,7 @@ from splice.checkpoint import _io as checkpoint_io
 from splice.checkpoint.format import SERIALIZE_ORDER
 from splice.checkpoint.writer import shard_filenames
 from splice.errors import CheckpointError
-from splice.transforms import TensorMeta
+from splice.transforms import TensorMeta, bitwise_equal
 
 DTYPES = list(TAG_OF_DTYPE)  # every dtype this torch build and safetensors share
 COMMON = [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.int64, torch.bool, torch.uint8]
@@ -1002,4 +1002,26 @@ def test_map_is_a_zero_copy_private_view(tmp_path):
     for key, tensor in tensors.items():
         assert torch.equal(mapped[key], tensor) and mapped[key].dtype == tensor.dtype  # valid after close()
     mapped["a"].mul_(2)  # copy-on-write: the file never changes
+    assert (tmp_path / "ck" / "model.safetensors").read_bytes() == original
+
+
+def test_map_adjacent_concatenates_back_to_back_tensors_without_a_copy(tmp_path):
+    # stored in this order: gate, up and v back to back
+    tensors = {
+        "gate": torch.randn(5, 12),
+        "up": torch.randn(7, 12),
+        "v": torch.randn(3, 12),
+        "w": torch.randn(3, 8),
+        "x": torch.randn(2, 12).to(torch.bfloat16),
+    }
+    save_state_dict(tensors, tmp_path / "ck")
+    original = (tmp_path / "ck" / "model.safetensors").read_bytes()
+    with CheckpointReader(tmp_path / "ck") as reader:
+        fused = reader.map_adjacent(["gate", "up", "v"])
+        assert reader.bytes_read == 0 and reader.bytes_mapped == (5 + 7 + 3) * 12 * 4
+        assert bitwise_equal(fused, torch.cat([tensors["gate"], tensors["up"], tensors["v"]]))
+        assert reader.map_adjacent(["up", "gate"]) is None  # out of file order
+        assert reader.map_adjacent(["gate", "v"]) is None  # not back to back
+        assert reader.map_adjacent(["v", "w"]) is None  # trailing dims differ
+    fused.add_(1.0)  # copy-on-write, as with map()
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == original

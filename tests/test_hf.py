@@ -66,6 +66,39 @@ def test_load_fused_matches_transformers_and_saves_back_byte_identical(llama_dir
     assert same_files(llama_dir, out) == []  # config.json, generation_config.json, model.safetensors
 
 
+def test_gate_up_maps_the_file_when_gate_and_up_are_stored_back_to_back(llama_dir):
+    """safetensors sorts by name, so gate_proj sits right before up_proj: the fused tensor is a mapping."""
+    with CheckpointReader(llama_dir) as reader:
+        before = reader.bytes_mapped
+        assert (
+            reader.map_adjacent(["model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"])
+            is not None
+        )
+        assert reader.bytes_mapped > before
+    original = (llama_dir / "model.safetensors").read_bytes()
+    model = splice.from_pretrained(T.AutoModelForCausalLM, llama_dir, fusion_config=FUSED)
+    weights = load_state_dict(llama_dir)
+    mlp, attn = model.model.layers[0].mlp, model.model.layers[0].self_attn
+    gate_up = mlp.gate_up_proj.weight
+    embed = model.model.embed_tokens.weight  # only renamed: mapped, as transformers does
+    assert gate_up.untyped_storage().data_ptr() == embed.untyped_storage().data_ptr()  # the same file mapping
+    assert (
+        attn.qkv_proj.weight.untyped_storage().data_ptr() != embed.untyped_storage().data_ptr()
+    )  # k, o, q, v: copied
+    assert bitwise_equal(
+        gate_up,
+        torch.cat(
+            [weights["model.layers.0.mlp.gate_proj.weight"], weights["model.layers.0.mlp.up_proj.weight"]]
+        ),
+    )
+    loaded = gate_up.detach().clone()
+    model.train()
+    model(tiny.token_ids(), labels=tiny.token_ids()).loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()  # in place on the mapped pages: copy-on-write
+    assert not torch.equal(mlp.gate_up_proj.weight, loaded)
+    assert (llama_dir / "model.safetensors").read_bytes() == original
+
+
 def test_sharded_checkpoint_round_trip(llama_sharded_dir, tmp_path):
     assert len(list(llama_sharded_dir.glob("model-*.safetensors"))) >= 3
     model = splice.from_pretrained(T.AutoModelForCausalLM, llama_sharded_dir, fusion_config=FUSED)

@@ -511,6 +511,11 @@ def load_step(reader: CheckpointReader, step: Step, dtypes: dict[str, torch.dtyp
     )
     if direct and not ops:  # a rename: map the file, as transformers does (no copy; pages load on first use)
         return [reader.map(key) for key in step.sources]
+    if direct and len(metas) == 1 and isinstance(ops[0], Concat) and ops[0].dim in (0, -len(metas[0].shape)):
+        # sources stored back to back (gate_proj then up_proj, as safetensors sorts them): map, no copy
+        mapped = reader.map_adjacent(step.sources)
+        if mapped is not None and TensorMeta.of(mapped) == metas[0]:
+            return [mapped]
     if direct and len(metas) == 1 and hasattr(ops[0], "input_views"):
         out = torch.empty(metas[0].shape, dtype=metas[0].dtype)
         for key, view in zip(step.sources, ops[0].input_views(out)):

@@ -10,6 +10,7 @@ import difflib
 import glob
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -260,16 +261,48 @@ class CheckpointReader:
         meta = entry.meta
         if entry.start % meta.dtype.itemsize or meta.numel == 0:
             return self.get(key)
-        storage = self._storages.get(shard.path)
-        if storage is None:
-            size = shard.file.size()
-            storage = self._storages[shard.path] = torch.UntypedStorage.from_file(
-                str(shard.path), False, size
-            )
-        tensor = torch.empty(0, dtype=meta.dtype)
-        tensor.set_(storage, entry.start // meta.dtype.itemsize, meta.shape)
+        return self._mapped(shard, entry.start, meta)
+
+    def map_adjacent(self, keys: Sequence[str]) -> torch.Tensor | None:
+        """``torch.cat`` of the tensors ``keys`` along dim 0 with no copy, when the file already holds them
+        back to back in this order (same file and dtype, matching trailing dims); else None.
+
+        safetensors writes tensors sorted by name, so ``gate_proj`` is directly followed by ``up_proj``
+        and the fused ``gate_up_proj`` is a mapping of the file as it stands (see :meth:`map`).
+        """
+        entries = [self._entry(k) for k in keys]
+        shard, first = entries[0]
+        meta = first.meta
+        position = first.start
+        for other_shard, entry in entries:
+            m = entry.meta
+            if (
+                other_shard is not shard
+                or entry.start != position
+                or m.dtype != meta.dtype
+                or len(m.shape) != len(meta.shape)
+                or m.shape[1:] != meta.shape[1:]
+                or not m.shape
+                or m.numel == 0
+            ):
+                return None
+            position += m.nbytes
+        if first.start % meta.dtype.itemsize:
+            return None
+        rows = sum(entry.meta.shape[0] for _, entry in entries)
+        return self._mapped(shard, first.start, TensorMeta((rows, *meta.shape[1:]), meta.dtype))
+
+    def _mapped(self, shard: _Shard, start: int, meta: TensorMeta) -> torch.Tensor:
         with self._lock:
+            storage = self._storages.get(shard.path)
+            if storage is None:
+                size = shard.file.size()
+                storage = self._storages[shard.path] = torch.UntypedStorage.from_file(
+                    str(shard.path), False, size
+                )
             self._bytes_mapped += meta.nbytes
+        tensor = torch.empty(0, dtype=meta.dtype)
+        tensor.set_(storage, start // meta.dtype.itemsize, meta.shape)
         return tensor
 
     def get_slice(self, key: str) -> TensorSlice:
