@@ -155,7 +155,9 @@ def compiled(chain: FusedChain, *args: Any, **kwargs: Any) -> Any:
 
     One compiled function serves every chain: dynamo lifts the chain's parameters to graph inputs, so
     the 24 norm+MLP chains of a 24-layer model share one graph instead of compiling (and guarding on)
-    one closure each, which would also run into dynamo's per-function cache limit.
+    one closure each, which would also run into dynamo's per-function cache limit. Each compiled call
+    still costs guard checks and a runtime wrapper (~0.1 ms on CPU), which batch-1 decoding feels;
+    compiling the whole model amortizes that (see benchmarks/bench_decode.py).
     """
     global _compiled_run
     if _compiled_run is None:
