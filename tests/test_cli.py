@@ -72,6 +72,25 @@ def test_saved_map_converts_to_what_a_runtime_save_writes(qwen2_vl_dir, tmp_path
         assert bitwise_equal(converted.get(key), runtime.get(key)), key
 
 
+def test_saved_map_of_a_moe_model_leaves_the_per_expert_tensors_alone(tmp_path):
+    """Stacking experts is transformers' own conversion, not a layout change on disk: not in the map."""
+    path = tiny.save(tiny.causal_lm("mixtral"), tmp_path / "mixtral")
+    assert main(["inspect", str(path), "--fusion", "qkv", "--save-map", str(tmp_path / "map.json")]) == 0
+    wm = splice.WeightMap.load(tmp_path / "map.json")
+    assert [str(p) for r in wm.rules for p in r.targets] == ["model.layers.*.self_attn.qkv_proj.weight"]
+    args = ["--map", str(tmp_path / "map.json"), "--quiet"]
+    assert main(["convert", str(path), str(tmp_path / "converted"), *args]) == 0
+    model = splice.from_pretrained(T.AutoModelForCausalLM, path, fusion_config=["qkv"])
+    splice.save_pretrained(model, tmp_path / "runtime", save_original_format=False)
+    converted, runtime = CheckpointReader(tmp_path / "converted"), CheckpointReader(tmp_path / "runtime")
+    assert sorted(converted.keys()) == sorted(runtime.keys())
+    assert "model.layers.0.block_sparse_moe.experts.4.w3.weight" in converted
+    for key in runtime.keys():
+        assert bitwise_equal(converted.get(key), runtime.get(key)), key
+    assert main(["convert", str(tmp_path / "converted"), str(tmp_path / "back"), *args, "--reverse"]) == 0
+    assert (tmp_path / "back" / "model.safetensors").read_bytes() == (path / "model.safetensors").read_bytes()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

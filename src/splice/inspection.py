@@ -119,21 +119,23 @@ def save_map(path: Path, fusion: Any, out: Path) -> None:
     prepared.model._weight_conversions = [t for t in prepared.transforms if t.was_used()]
     rules = []
     for step in plan.steps:
-        targets = tuple(_checkpoint_key(prepared.model, key) for key in step.targets)
-        if step.is_rename and targets == step.sources:
-            continue
+        named = [_checkpoint_keys(prepared.model, k, m) for k, m in zip(step.targets, step.target_metas)]
+        if [k for keys in named for k in keys] == list(step.sources):
+            continue  # transformers' own conversion (a rename, per-expert tensors stacked): no change on disk
+        if any(len(keys) != 1 for keys in named):
+            raise FusionError(f"cannot express {step} in the checkpoint's key naming")
+        targets = tuple(keys[0] for keys in named)
         if step.ops is None:
             raise FusionError(f"cannot express {step} as one rule")
         rules.append(Rule(step.sources, targets, step.ops))
     WeightMap.of(rules).generalize(list(metas), metas).save(out)
 
 
-def _checkpoint_key(model: Any, key: str) -> str:
-    import torch
+def _checkpoint_keys(model: Any, key: str, meta: Any) -> list[str]:
+    """The checkpoint key(s) transformers' save gives a runtime tensor (several for stacked experts)."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    (renamed,) = revert_weight_conversion(model, {key: torch.empty(0)})
-    return renamed
+    return list(revert_weight_conversion(model, {key: meta.empty("meta")}))
 
 
 def _architecture_of(path: Path) -> Any:
