@@ -154,23 +154,23 @@ def test_moe_checkpoints_with_per_expert_tensors(kind, tmp_path):
     assert same_files(path, splice.save_pretrained(model, tmp_path / "out")) == []
 
 
-def test_moe_checkpoint_missing_an_expert_tensor_is_an_error_naming_it(tmp_path):
+@pytest.mark.parametrize(
+    "dropped, message",
+    [
+        (
+            "model.layers.1.block_sparse_moe.experts.4.w3.weight",
+            r"model.layers.1.mlp.experts.gate_up_proj: expert 4 has no '.experts.\*.w3.weight' tensor",
+        ),
+        (
+            "model.layers.0.block_sparse_moe.experts.2.w2.weight",
+            r"indices \[2\] are missing among model.layers.0.block_sparse_moe.experts.2.w2.weight",
+        ),
+    ],
+)
+def test_moe_checkpoint_missing_an_expert_tensor_is_an_error_naming_it(tmp_path, dropped, message):
     path = tiny.save(tiny.causal_lm("mixtral"), tmp_path / "mixtral")
-    bad = copy_checkpoint(
-        path, tmp_path / "bad", lambda sd: sd.pop("model.layers.1.block_sparse_moe.experts.4.w3.weight")
-    )
-    with pytest.raises(
-        LoadError,
-        match=r"model.layers.1.mlp.experts.gate_up_proj: expert 4 has no '.experts.\*.w3.weight' tensor",
-    ):
-        splice.from_pretrained(T.AutoModelForCausalLM, bad)
-    bad = copy_checkpoint(
-        path, tmp_path / "bad2", lambda sd: sd.pop("model.layers.0.block_sparse_moe.experts.2.w2.weight")
-    )
-    with pytest.raises(
-        LoadError,
-        match=r"indices \[2\] are missing among model.layers.0.block_sparse_moe.experts.2.w2.weight",
-    ):
+    bad = copy_checkpoint(path, tmp_path / "bad", lambda sd: sd.pop(dropped))
+    with pytest.raises(LoadError, match=message):
         splice.from_pretrained(T.AutoModelForCausalLM, bad)
 
 
