@@ -90,6 +90,7 @@ def tp_rank(path: str, shards: str) -> dict:
 
     dist.init_process_group("gloo")
     baseline = _current_rss()
+    dist.barrier()  # start every rank's clock together: the load's collectives would wait for a late starter
     started = time.perf_counter()
     model = splice.from_pretrained(AutoModelForCausalLM, path, fusion_config=FUSION, tp_plan="auto")
     seconds = time.perf_counter() - started
