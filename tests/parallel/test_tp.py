@@ -134,6 +134,9 @@ def test_world_2_sharded_source(workdir):
         assert out["bytes"]["sharded"] == sharded // 2
         assert out["bytes"]["replicated"] == norms
         assert out["bytes"]["total"] == sharded // 2 + norms
+        # the vocab halves of embed_tokens and lm_head are whole-row runs: mapped, not copied
+        vocab = sum(checkpoint[k].nbytes for k in ("model.embed_tokens.weight", "lm_head.weight"))
+        assert out["bytes"]["mapped"] == vocab // 2
 
     # save_pretrained under TP writes the source checkpoint back, files and index byte for byte
     assert len(same_files(source, workdir / "saved-2")) > 2

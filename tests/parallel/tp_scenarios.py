@@ -107,6 +107,7 @@ def llama(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tenso
         "total": parallel.bytes_read,
         "sharded": parallel.sharded_bytes_read,
         "replicated": parallel.replicated_bytes_read,
+        "mapped": parallel.bytes_mapped,
     }
     with torch.no_grad():
         out["logits"] = model(ids).logits

@@ -101,7 +101,7 @@ def from_pretrained_tp(
             ) from None
         expected = _expected_metas(model, layout)
         steps = _check(plan, expected, prepared.missing_ok, prepared.path)
-        stats = {"sharded": 0, "replicated": 0}
+        stats = {"sharded": 0, "replicated": 0, "mapped": 0}
         for step in steps:
             for key, local in _load_local(
                 reader, step, expected, layout.dims, tp, rank, prepared.dtypes, stats
@@ -110,7 +110,7 @@ def from_pretrained_tp(
                 if local.device != device:
                     local = local.to(device)
                 set_tensor(model, key, _distributed(local, dim, expected[key].shape, mesh))
-        bytes_read = reader.bytes_read
+        bytes_read = reader.bytes_read + stats["mapped"]  # mapped pieces are read on first touch
         source = source_layout(reader)
         remember_source(model, reader)  # save_pretrained then writes the source's own split
 
@@ -128,6 +128,7 @@ def from_pretrained_tp(
         bytes_read=bytes_read,
         sharded_bytes_read=stats["sharded"],
         replicated_bytes_read=stats["replicated"],
+        bytes_mapped=stats["mapped"],
         replica_hooks=replica_hooks,
     )
     state.install(model)
@@ -256,6 +257,15 @@ def _load_local(
         if reads is not None:
             shape = list(meta.shape)
             shape[dim] = bounds[1] - bounds[0]
+            if _one_mappable_read(reader, reads, dim, shape, dtype):
+                # a run of whole rows of one tensor (an embedding's or lm_head's vocab slice): map it, as the
+                # single-process loader does; an embedding then pages in only the rows its tokens look up
+                read = reads[0]
+                local = reader.map(read.source)[read.start : read.stop]
+                stats["sharded"] += local.nbytes
+                stats["mapped"] += local.nbytes
+                out.append((target, local))
+                continue
             local = torch.empty(shape, dtype=dtype)
             for read in reads:
                 view = local.narrow(dim, read.at, read.rows)
@@ -278,6 +288,14 @@ def _load_local(
             out.append((target, tensor.contiguous().clone()))
         stats["sharded" if dim is not None else "replicated"] += reader.bytes_read - before
     return out
+
+
+def _one_mappable_read(
+    reader: CheckpointReader, reads: list[Any], dim: int, shape: list[int], dtype: torch.dtype
+) -> bool:
+    if dim != 0 or len(reads) != 1 or reads[0].source is None or reads[0].rows != shape[0]:
+        return False
+    return reader.meta(reads[0].source).dtype == dtype and reader.meta(reads[0].source).numel > 0
 
 
 def _distributed(local: torch.Tensor, dim: int | None, shape: tuple[int, ...], mesh) -> torch.Tensor:

@@ -33,6 +33,7 @@ class ParallelState:
     bytes_read: int = 0
     sharded_bytes_read: int = 0
     replicated_bytes_read: int = 0
+    bytes_mapped: int = 0  # of bytes_read: pieces mapped from the file, paged in on first touch
     replica_hooks: list[Any] = field(default_factory=list)
 
     @property
