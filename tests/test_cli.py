@@ -65,11 +65,17 @@ def test_saved_map_converts_to_what_a_runtime_save_writes(qwen2_vl_dir, tmp_path
         T.Qwen2VLForConditionalGeneration, qwen2_vl_dir, fusion_config=fusion.split(",")
     )
     splice.save_pretrained(model, tmp_path / "runtime", save_original_format=False)
-    converted, runtime = CheckpointReader(tmp_path / "converted"), CheckpointReader(tmp_path / "runtime")
-    assert sorted(converted.keys()) == sorted(runtime.keys())
+    converted = same_tensors(tmp_path / "converted", tmp_path / "runtime")
     assert "visual.patch_embed.linear_proj.weight" in converted
-    for key in runtime.keys():
-        assert bitwise_equal(converted.get(key), runtime.get(key)), key
+
+
+def same_tensors(a: Path, b: Path) -> CheckpointReader:
+    """Assert two checkpoints hold the same keys with bitwise-equal tensors; the first one's reader."""
+    first, second = CheckpointReader(a), CheckpointReader(b)
+    assert sorted(first.keys()) == sorted(second.keys())
+    for key in second.keys():
+        assert bitwise_equal(first.get(key), second.get(key)), key
+    return first
 
 
 def test_saved_map_of_a_moe_model_leaves_the_per_expert_tensors_alone(tmp_path):
@@ -82,11 +88,8 @@ def test_saved_map_of_a_moe_model_leaves_the_per_expert_tensors_alone(tmp_path):
     assert main(["convert", str(path), str(tmp_path / "converted"), *args]) == 0
     model = splice.from_pretrained(T.AutoModelForCausalLM, path, fusion_config=["qkv"])
     splice.save_pretrained(model, tmp_path / "runtime", save_original_format=False)
-    converted, runtime = CheckpointReader(tmp_path / "converted"), CheckpointReader(tmp_path / "runtime")
-    assert sorted(converted.keys()) == sorted(runtime.keys())
+    converted = same_tensors(tmp_path / "converted", tmp_path / "runtime")
     assert "model.layers.0.block_sparse_moe.experts.4.w3.weight" in converted
-    for key in runtime.keys():
-        assert bitwise_equal(converted.get(key), runtime.get(key)), key
     assert main(["convert", str(tmp_path / "converted"), str(tmp_path / "back"), *args, "--reverse"]) == 0
     assert (tmp_path / "back" / "model.safetensors").read_bytes() == (path / "model.safetensors").read_bytes()
 
