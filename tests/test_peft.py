@@ -505,6 +505,99 @@ def test_lossy_requests_raise_naming_the_module():
         sp.get_peft_model(model, lora(target_modules=["up_proj"]))
 
 
+@pytest.mark.parametrize(
+    "make, fusion, config, message",
+    [
+        # bias="lora_only" trains each adapted Linear's bias: q's rows of a fused bias cannot train alone
+        (
+            "qwen2",
+            FUSED,
+            dict(target_modules=["q_proj"], bias="lora_only"),
+            r"q_proj: bias='lora_only'.*slice",
+        ),
+        ("qwen2", FUSED, dict(target_modules=["o_proj"], bias="all"), r"qkv_proj: bias='all'.*fused Linear"),
+        ("sam", ["qkv_split"], dict(target_modules=["q"], bias="lora_only"), r"attn\.q: bias='lora_only'"),
+        # modules_to_save copies a module's own weight: a slice has none, qkv_proj is not in the original
+        ("llama", FUSED, dict(target_modules=["v_proj"], modules_to_save=["q_proj"]), r"q_proj is a slice"),
+        ("llama", FUSED, dict(target_modules=["v_proj"], modules_to_save=["qkv_proj"]), r"exists only in"),
+    ],
+)
+def test_trained_biases_and_copies_of_fused_modules_raise(make, fusion, config, message):
+    model = _sam_vision_split() if make == "sam" else tiny.causal_lm(make)
+    if make != "sam":
+        splice.fuse(model, fusion)
+    with pytest.raises(SpliceError, match=message):
+        sp.get_peft_model(model, lora(**config))
+
+
+def test_bias_options_that_touch_no_fused_bias_still_match_vanilla():
+    # Llama has no biases: bias="all" trains nothing more, on either side
+    vanilla, fused = paired(FUSED, dict(target_modules=["q_proj", "v_proj"], bias="all"))
+    assert fused.get_nb_trainable_parameters() == vanilla.get_nb_trainable_parameters()
+    torch.testing.assert_close(logits(fused), logits(vanilla), atol=1e-5, rtol=1e-5)
+
+
+def test_a_regex_reads_original_names_only():
+    # gate_up_proj also ends in "up_proj"; on the original model the regex adapts q_proj and up_proj
+    vanilla, fused = paired({"gate_up": True}, dict(target_modules=r".*(q_proj|up_proj)"))
+    assert lora_tensors(fused).keys() == lora_tensors(vanilla).keys()
+    torch.testing.assert_close(logits(fused), logits(vanilla), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["v_proj"], ["up_proj"]])
+def test_disable_adapter_on_a_merged_model_gives_the_base_model_at_once(targets):
+    """PEFT unmerges lazily, layer by layer: a sibling slice must not serve the GEMM it ran while merged."""
+    base = logits(llama(FUSED))
+    _, fused = paired(FUSED, dict(target_modules=targets))
+    fused.merge_adapter()
+    with fused.disable_adapter():
+        torch.testing.assert_close(logits(fused), base, atol=1e-5, rtol=0)  # the first forward
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(target_modules=["q_proj", "embed_tokens"]),  # PEFT saves the embedding's base_layer.weight too
+        dict(target_modules=["q_proj", "lm_head"]),
+        dict(target_modules=["v_proj"], trainable_token_indices=[3, 5]),
+        dict(target_modules=["v_proj"], modules_to_save=["lm_head"]),
+    ],
+)
+def test_vanilla_adapters_with_tensors_beside_the_lora_load(tmp_path, config):
+    torch.manual_seed(3)
+    vanilla = peft.get_peft_model(llama(), lora(**config))
+    vanilla.save_pretrained(tmp_path)
+    loaded = sp.load_adapter(llama(FUSED), tmp_path)
+    torch.testing.assert_close(logits(loaded), logits(vanilla), atol=1e-5, rtol=1e-5)
+    sp.save_adapter(loaded, tmp_path / "again")
+    again = PeftModel.from_pretrained(llama(), tmp_path / "again")
+    torch.testing.assert_close(logits(again), logits(vanilla), atol=1e-5, rtol=1e-5)
+
+
+def test_a_vanilla_adapter_with_a_bias_of_a_fused_linear_raises(tmp_path):
+    peft.get_peft_model(tiny.causal_lm("qwen2"), lora(target_modules=["q_proj"], bias="all")).save_pretrained(
+        tmp_path
+    )
+    model = tiny.causal_lm("qwen2")
+    splice.fuse(model, FUSED)
+    with pytest.raises(SpliceError, match=r"holds its own 'bias' for .*k_proj.*slice"):
+        sp.load_adapter(model, tmp_path)
+
+
+def test_an_adapter_deleted_and_added_again_has_no_stale_blocks(tmp_path):
+    peft.get_peft_model(llama(), lora(target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path)
+    model = sp.load_adapter(llama(FUSED), tmp_path, fuse_lora=True)  # "default": one stacked LoRA on qkv_proj
+    model.load_adapter(tmp_path, "other")
+    model.set_adapter("other")
+    model.delete_adapter("default")
+    torch.manual_seed(5)
+    model.add_adapter("default", lora(target_modules=["qkv_proj"], r=8))  # a plain rank-8 LoRA, same name
+    model.set_adapter("default")
+    sp.save_adapter(model, tmp_path / "again", selected_adapters=["default"])
+    again = PeftModel.from_pretrained(llama(), tmp_path / "again")
+    torch.testing.assert_close(logits(again), logits(model), atol=1e-5, rtol=1e-5)
+
+
 def test_an_adapter_for_modules_the_model_lacks_raises(tmp_path):
     peft.get_peft_model(llama(), lora(target_modules=["q_proj"])).save_pretrained(tmp_path)
     state = load_file(tmp_path / "adapter_model.safetensors")

@@ -222,8 +222,15 @@ def _original_tensors(
         address, rest = book.owner(_strip(key))
         if rest.startswith("lora_"):
             loras.setdefault(address.runtime, {})[rest] = tensor
-        else:  # modules_to_save and other trainable copies: same tensors, original path
+        elif (
+            address.kind == "module"
+        ):  # modules_to_save and other trainable copies: same tensors, original path
             out[f"{PREFIX}{address.name}.{rest}"] = tensor
+        else:  # get_peft_model and load_adapter refuse configs that train these; something else set them
+            raise AdapterError(
+                f"{key}: the adapter holds {rest!r} of {address.runtime}, a Linear that splice fused or split; "
+                "the original model has no such tensor, so a vanilla adapter cannot hold it"
+            )
     cols = {}
     for name, (spec, source) in plan.items():
         if isinstance(source, Same):  # moved whole: every tensor of the layer (DoRA magnitudes too)
@@ -327,7 +334,7 @@ def load_adapter(
     specs = {name: _checked_spec(config, name, tensors) for name, tensors in loras.items()}
     weights = {name: _plain_factors(tensors) for name, tensors in loras.items()}
     plan, blocks = plan_runtime(book, specs, weights, metadata, fuse_lora=fuse_lora)
-    _refuse_inexact(config, [book.by_runtime[p] for p in plan])
+    _refuse_inexact(config, [book.by_runtime[p] for p in plan], book)
 
     runtime_specs = {path: spec for path, (spec, _) in plan.items()}
     runtime_config = describe_config(
@@ -386,6 +393,8 @@ def _read(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def _by_original_name(state: dict[str, torch.Tensor], book: AddressBook):
     """LoRA tensors by original module name, and the other tensors (modules_to_save) under runtime keys."""
+    from splice.peft.layer import describe
+
     loras: dict[str, dict[str, torch.Tensor]] = {}
     others: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
@@ -395,10 +404,14 @@ def _by_original_name(state: dict[str, torch.Tensor], book: AddressBook):
             loras.setdefault(book.named(module, where=f"adapter key {key}").name, {})["lora_" + rest] = tensor
             continue
         address, rest = book.owner_by_name(name)
-        if rest not in dict(address.module.named_parameters()) | dict(address.module.named_buffers()):
+        if address.kind != "module":
             raise AdapterError(
-                f"adapter key {key}: {address.name} ({type(address.module).__name__}) has no tensor {rest!r}"
+                f"adapter key {key}: the adapter holds its own {rest!r} for {address.name} (a trained bias, "
+                f"modules_to_save or trainable tokens), but in this model {address.name} is {describe(address.module)} "
+                "and has no tensors of its own to put it in; load the adapter onto the unfused model"
             )
+        # anything else PEFT keeps beside the LoRA (modules_to_save copies, an embedding's base_layer.weight,
+        # trainable-token deltas): PEFT places it, and refuses what has no place (unexpected keys, below)
         others[f"{PREFIX}{address.runtime}.{rest}"] = tensor
     return loras, others
 
@@ -423,4 +436,4 @@ def _record_blocks(peft_model: nn.Module, blocks: dict[str, dict[str, Block]], a
     model = base_model(peft_model)
     for path, layout in blocks.items():
         layer = model.get_submodule(path)
-        layer.__dict__.setdefault("splice_blocks", {})[adapter] = layout
+        layer.__dict__.setdefault("splice_blocks", {})[adapter] = (layout, layer.lora_A[adapter])

@@ -60,6 +60,11 @@ def select(config: Any, book: AddressBook, *, where: str = "LoraConfig") -> list
     if _is_all_linear(config.target_modules):
         config = _replace(config, target_modules=_original_linears(config, book))
     chosen = [a for a in book.addresses if check_target_module_exists(config, a.name)]
+    if isinstance(config.target_modules, str):
+        # a regex is written against the original model: a Linear splice added (qkv_proj, gate_up_proj, a
+        # split q) counts only where none of the original modules it stands for matched too
+        originals = {a.name for a in chosen if not a.derived}
+        chosen = [a for a in chosen if not (a.derived and originals & {*a.members, a.group})]
     if not chosen:
         linears = [a.name for a in book.addresses if a.linear or a.derived]
         close = close_names(_first(config.target_modules), linears)
@@ -139,7 +144,7 @@ def adapt_peft_config(model: Any, lora_config: Any) -> Any:
     book = AddressBook.of(model)
     chosen = select(lora_config, book)
     specs = {a.runtime: lora_spec(lora_config, a.name) for a in chosen}
-    _refuse_inexact(lora_config, chosen)
+    _refuse_inexact(lora_config, chosen, book)
     plan_original(book, specs)  # raises now when the adapter could never be saved in the original layout
     runtime = describe_config(
         lora_config,
@@ -269,12 +274,34 @@ def translate_modules_to_save(
     originals = [a for a in book.addresses if not a.derived]
     source = (lambda a: a.name) if to_runtime else (lambda a: a.runtime)
     target = (lambda a: a.runtime) if to_runtime else (lambda a: a.name)
-    wanted = {target(a) for a in originals if any(source(a).endswith(e) for e in entries)}
+    chosen = [a for a in originals if any(source(a).endswith(e) for e in entries)]
+    if to_runtime:
+        _refuse_copies_of_stand_ins(entries, chosen, book)
+    wanted = {target(a) for a in chosen}
     universe = book.runtime_paths if to_runtime else [a.name for a in originals]
     for candidate in (entries, sorted({_leaf(p) for p in wanted}), sorted(wanted)):
         if {p for p in universe if any(p.endswith(e) for e in candidate)} == wanted:
             return candidate
     raise AdapterError(f"modules_to_save={entries}: cannot name {sorted(wanted)} exactly in the other layout")
+
+
+def _refuse_copies_of_stand_ins(entries: list[str], chosen: list[Address], book: AddressBook) -> None:
+    """modules_to_save trains a full copy of each module it names: a stand-in or a derived Linear has none."""
+    from splice.peft.layer import describe
+
+    for address in chosen:
+        if address.kind in ("slice", "concat"):
+            raise AdapterError(
+                f"modules_to_save={entries}: {address.name} is {describe(address.module)} in this model, with no "
+                "weight of its own to copy and train; target it with LoRA, or train the unfused model"
+            )
+    for entry in entries:
+        derived = [a.runtime for a in book.addresses if a.derived and a.runtime.endswith(entry)]
+        if derived and not any(a.name.endswith(entry) for a in chosen):
+            raise AdapterError(
+                f"modules_to_save={entries}: {derived[0]} exists only in the model as splice fused or split it; "
+                "modules_to_save names modules of the original model"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,8 +315,11 @@ def blocks_of(model: Any, adapter: str | None) -> dict[str, dict[str, Block]]:
     found = {}
     for path, module in model.named_modules():
         layouts = module.__dict__.get("splice_blocks") if isinstance(module, LoraLayer) else None
-        if layouts and adapter in layouts:
-            found[path.removeprefix("base_model.model.")] = layouts[adapter]
+        layout, lora_A = (layouts or {}).get(adapter, (None, None))
+        # a layout holds for the lora_A it was recorded with: an adapter deleted and added again under the
+        # same name is a new LoRA, with no block structure
+        if layout is not None and adapter in module.lora_A and lora_A is module.lora_A[adapter]:
+            found[path.removeprefix("base_model.model.")] = layout
     return found
 
 
@@ -314,9 +344,24 @@ def _check_lora(config: Any) -> None:
         raise AdapterError(f"splice.peft maps LoRA adapters; got a {type(config).__name__}")
 
 
-def _refuse_inexact(config: Any, chosen: list[Address]) -> None:
-    from splice.peft.layer import EXACT_INITS, refuse_inexact
+def _refuse_inexact(config: Any, chosen: list[Address], book: AddressBook) -> None:
+    from splice.peft.layer import EXACT_INITS, describe, refuse_inexact
 
+    # bias="lora_only" trains the bias of each adapted Linear, bias="all" every bias: a bias that splice
+    # fused or split cannot be trained for some rows only, nor saved under the original keys
+    trained = {"all": book.addresses, "lora_only": chosen}.get(config.bias, [])
+    for address in trained:
+        if address.kind != "module" and getattr(address.module, "bias", None) is not None:
+            what = (
+                describe(address.module)
+                if address.kind in ("slice", "concat")
+                else f"the {'fused' if address.kind == 'fused' else 'split'} Linear {address.runtime}"
+            )
+            raise AdapterError(
+                f"{address.name}: bias={config.bias!r} would train the bias of {what}, whose "
+                "rows belong to Linears that splice fused or split; a vanilla adapter keeps each Linear's bias "
+                "apart. Use bias='none' (lora_bias=True gives LoRA its own bias), or train the unfused model"
+            )
     for address in chosen:
         if address.kind in ("slice", "concat"):
             refuse_inexact(config, address.module, address.name)
