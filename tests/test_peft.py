@@ -598,6 +598,18 @@ def test_an_adapter_deleted_and_added_again_has_no_stale_blocks(tmp_path):
     torch.testing.assert_close(logits(again), logits(model), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("targets", [["gate_up_proj"], ["gate_proj", "up_proj"]])
+def test_a_kernel_plugged_in_after_lora_runs_the_lora(targets):
+    """The built-in kernel reads the fused weight directly only when nothing wraps the projections."""
+    model = llama(["gate_up", "norm_mlp"])
+    ours = sp.get_peft_model(model, lora(target_modules=targets))
+    expected = logits(ours)
+    with ours.disable_adapter():
+        assert not torch.allclose(logits(ours), expected, atol=1e-3)  # the LoRA changes the output
+    assert splice.kernels.use_kernel(ours, "rms_norm_gated_mlp") == 2
+    torch.testing.assert_close(logits(ours), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_an_adapter_for_modules_the_model_lacks_raises(tmp_path):
     peft.get_peft_model(llama(), lora(target_modules=["q_proj"])).save_pretrained(tmp_path)
     state = load_file(tmp_path / "adapter_model.safetensors")

@@ -28,6 +28,7 @@ from torch import nn
 
 from splice.errors import FusionError
 from splice.fusion.chain import FusedChain
+from splice.fusion.linear import LinearSlice
 
 Kernel = Callable[..., Any]
 
@@ -125,17 +126,31 @@ def _matches_rms_norm_mlp(chain: FusedChain) -> bool:
     return _rms_norm_like(norm) and _gated_mlp(mlp)
 
 
+def _direct(module: nn.Module | None, cls: type) -> bool:
+    """Calling ``module`` would run only ``cls.forward``: no wrapper (a LoRA layer) and no hooks on it."""
+    return type(module) is cls and not (module._forward_hooks or module._forward_pre_hooks)
+
+
 def rms_norm_gated_mlp(chain: FusedChain, x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm then a gated MLP, as few kernel launches as plain torch allows (one GEMM for gate+up)."""
+    """RMSNorm then a gated MLP, as few kernel launches as plain torch allows (one GEMM for gate+up).
+
+    Weights are read directly only where that is what the modules would compute: a norm with hooks runs
+    the chain in order, and a LoRA layer (or a hook) on gate_up_proj, gate_proj or up_proj is called.
+    """
     norm, mlp = (getattr(chain, n) for n in chain.names)
+    if not _direct(norm, type(norm)):
+        return _run_in_order(chain, x)
     dtype = x.dtype
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     h = norm.weight * h.to(dtype)
     fused = getattr(mlp, "gate_up_proj", None)
-    if fused is not None:
+    parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
+    if _direct(fused, nn.Linear) and all(p is None or _direct(p, LinearSlice) for p in parts):
         gate, up = F.linear(h, fused.weight, fused.bias).chunk(2, dim=-1)
-    else:
+    elif None in parts:  # a model that ships gate_up_proj, wrapped
+        gate, up = fused(h).chunk(2, dim=-1)
+    else:  # the slices run the one shared GEMM, through whatever wraps it
         gate, up = mlp.gate_proj(h), mlp.up_proj(h)
     return mlp.down_proj(mlp.act_fn(gate) * up)
 
