@@ -639,6 +639,8 @@ def save_pretrained(
     if kwargs:
         raise LoadError(f"unknown keyword argument(s) for save_pretrained: {sorted(kwargs)}")
     state = get_state(model)
+    if state is not None and not save_original_format:
+        state.check_reloadable()  # before writing anything
     out = Path(save_directory)
     gather = getattr(state, "gather_state_dict", None) if state_dict is None else None
     if gather is None:

@@ -95,6 +95,64 @@ def test_non_adjacent_modules_are_refused_at_run_time():
 
 
 @pytest.mark.parametrize(
+    "overrides, members",
+    [
+        (dict(intermediate_size=64), ("mlp.gate_proj", "mlp.up_proj")),  # square: up(gate(x)) would run
+        ({}, ("mlp.gate_proj", "mlp.up_proj")),  # non-square: up(gate(x)) would be a shape error
+        (dict(num_key_value_heads=4), ("self_attn.q_proj", "self_attn.k_proj")),
+    ],
+)
+def test_parallel_siblings_are_refused_at_run_time(overrides, members):
+    model = tiny.causal_lm("llama", **overrides)
+    splice.fuse_modules(model, [f"model.layers.*.{m}" for m in members])
+    first, second = (m.rpartition(".")[2] for m in members)
+    with pytest.raises(
+        FusionError,
+        match=rf"^fused chain {first}\+{second}: {second} got the same input as {first} \(they are parallel "
+        r"branches, not a chain\), so these modules are not adjacent and cannot be fused$",
+    ):
+        model(tiny.token_ids())
+
+
+class Three(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(8), nn.Linear(8, 12), nn.Linear(12, 8)
+
+    def forward(self, x):
+        return self.down(self.up(self.norm(x)))
+
+
+def test_a_chain_of_three_hands_each_output_on():
+    model = Three()
+    ref = copy.deepcopy(model)
+    splice.fuse_modules(model, ["norm", "up", "down"])
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
+def test_a_runtime_layout_save_refuses_chains_before_writing(tmp_path):
+    import transformers as T
+
+    model = tiny.causal_lm("llama")
+    ids = tiny.token_ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    splice.fuse_modules(model, GLOBS)
+    with pytest.raises(
+        FusionError,
+        match=r"^cannot save the runtime layout: fusion_config can only name registered families, and 'chain' came "
+        r"from fuse_modules or a spec passed per call; save in the original layout \(the default\) or unfuse them first$",
+    ):
+        splice.save_pretrained(model, tmp_path / "runtime", save_original_format=False)
+    assert not (tmp_path / "runtime").exists()
+    out = splice.save_pretrained(model, tmp_path / "original")
+    with torch.no_grad():
+        reloaded = T.AutoModelForCausalLM.from_pretrained(out)(ids).logits
+    torch.testing.assert_close(reloaded, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
     "globs, message",
     [
         (["model.layers.*.post_attention_layernorm"], "at least two module globs"),

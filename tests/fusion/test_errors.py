@@ -49,6 +49,9 @@ def unchanged(model, before, modules):
             r"'patch_embeddings': found no modules holding an nn.Conv2d/nn.Conv3d with stride == kernel_size",
         ),
         ({"qkv": "yes"}, r"'qkv': options must be True or a dict, got 'yes'"),
+        ({"qkv": {"names": "q_proj"}}, r"'qkv': option names must be a list of strings, got 'q_proj'"),
+        ({"qkv": {"modules": 3}}, r"'qkv': option modules must be a string, got 3"),
+        ({"qkv_split": {"name": "qkv", "sizes": [8, "8", 8]}}, r"option sizes must be a list of integers"),
         ({"qkv_split": {"names": ["a", "b", "c"]}}, r"option names needs option name"),
         ([], "enables no family"),
         (42, "a fusion config is a list of family names or a dict, got int"),
@@ -101,6 +104,35 @@ def test_mixed_requires_grad_is_refused():
     model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
     with pytest.raises(FusionError, match="disagree on requires_grad"):
         splice.fuse(model, ["qkv"])
+
+
+def test_fusing_a_family_again_needs_the_same_options():
+    model = tiny.causal_lm("llama")
+    splice.fuse(model, {"qkv": {"modules": r"layers\.0\."}})
+    before, modules = state(model), list(model.modules())
+    with pytest.raises(
+        FusionError,
+        match=r"^'qkv' is already fused with options \{'modules': 'layers\\\\.0\\\\.'\}, not options "
+        r"\{'modules': 'layers\\\\.1\\\\.'\}; a model records one set of options per family: pass one config "
+        r"covering all its modules, or unfuse\(model, family='qkv'\) first$",
+    ):
+        splice.fuse(model, {"gate_up": True, "qkv": {"modules": r"layers\.1\."}})
+    assert list(model.state_dict()) == list(before)  # nothing changed, gate_up included
+    assert all(a is b for a, b in zip(model.modules(), modules))
+    assert get_state(model).config == {"qkv": {"modules": r"layers\.0\."}}
+
+    # the same options again fuse what has become fusable, and the recorded config still covers it all
+    model = tiny.causal_lm("llama")
+    attn = model.model.layers[1].self_attn
+    k_proj, attn.k_proj = attn.k_proj, nn.Linear(64, 32, bias=True)  # layer 1 is not fusable yet
+    splice.fuse(model, ["qkv"])
+    attn.k_proj = k_proj
+    assert splice.fuse(model, ["qkv"]).counts == {"qkv": 1}
+    fresh = tiny.causal_lm("llama")
+    splice.fuse(fresh, get_state(model).config)
+    assert sorted(r.path for r in get_state(fresh).records) == sorted(
+        r.path for r in get_state(model).records
+    )
 
 
 def test_unfuse_errors():

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import splice
+from splice.errors import FusionError
 from splice.fusion import get_state
 from splice.fusion.linear import LinearSlice
 from splice.transforms import bitwise_equal
@@ -242,6 +243,29 @@ def test_unfuse_one_family_keeps_the_others():
     assert_state_equal(splice.original_state_dict(model), before)
     splice.unfuse(model)
     assert_state_equal(model.state_dict(), before)
+
+
+def test_unfuse_one_family_is_blocked_only_by_fusions_over_it():
+    model = tiny.causal_lm("llama")
+    before = snapshot(model)
+    splice.fuse(model, ["qkv"])
+    splice.fuse(model, ["norm_mlp"])  # moves the norm and the MLP, not self_attn
+    assert splice.unfuse(model, family="qkv") == 2
+    splice.unfuse(model)
+    assert_state_equal(model.state_dict(), before)
+
+    model = tiny.causal_lm("llama", num_hidden_layers=11)
+    splice.fuse(model, {"gate_up": {"modules": r"layers\.10\."}})
+    splice.fuse(model, {"norm_mlp": {"modules": r"layers\.1$"}})  # layer 1 is no prefix of layer 10
+    assert splice.unfuse(model, family="gate_up") == 1
+
+    model = tiny.causal_lm("llama")
+    splice.fuse(model, ["gate_up"])
+    splice.fuse(model, ["norm_mlp"])  # moves the MLP that gate_up fused into the chain
+    with pytest.raises(
+        FusionError, match=r"^undo 'norm_mlp' at model\.layers\.0 first: it was applied on top of 'gate_up'$"
+    ):
+        splice.unfuse(model, family="gate_up")
 
 
 def test_fused_model_compiles_without_recompiling():

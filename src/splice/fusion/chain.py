@@ -7,9 +7,11 @@ that record their call and hand their input on unchanged, so the parent's forwar
 written, and the fused module runs the whole chain: through a plugged-in kernel
 (`splice.kernels`) when there is one, else module by module.
 
-The chain must really be adjacent: the fused module checks that the tensor it receives is the one
-the previous pass-through handed on, and refuses otherwise (something happened in between, which a
-fused kernel would skip).
+The chain must really be adjacent: each pass-through hands on a new alias of its input (a view, no
+copy), and each later member checks that it receives exactly that alias. Anything else is refused with
+a FusionError before the chain runs: a changed tensor (something happened in between, which a fused
+kernel would skip) or the earlier member's own input (the two are parallel branches, like
+``gate_proj`` and ``up_proj``, not a chain).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from splice.errors import FusionError
@@ -32,13 +35,21 @@ class ChainCalls:
     def __init__(self) -> None:
         self._local = threading.local()
 
-    def record(self, index: int, args: tuple, kwargs: dict) -> None:
+    def record(self, index: int, args: tuple, kwargs: dict) -> Any:
+        """Record a pass-through's call and return what it hands on: a new alias of its input.
+
+        The alias, not the input itself, is what lets the next member tell "I got its output" from
+        "I got the same input" (a parallel branch), which the identity of one tensor cannot.
+        """
         calls = getattr(self._local, "calls", None)
         if calls is None or index == 0:
             calls = self._local.calls = []
-        calls.append((index, args, kwargs))
+        first = args[0]
+        handed = first.view_as(first) if isinstance(first, torch.Tensor) else first
+        calls.append((index, args, kwargs, handed))
+        return handed
 
-    def take(self) -> list[tuple[int, tuple, dict]]:
+    def take(self) -> list[tuple[int, tuple, dict, Any]]:
         calls = getattr(self._local, "calls", None) or []
         self._local.calls = None
         return calls
@@ -54,7 +65,7 @@ class ChainCalls:
 
 
 class PassThrough(nn.Module):
-    """Stands where an earlier module of a fused chain was: records the call, returns the first input."""
+    """Stands where an earlier module of a fused chain was: records the call, hands on its first input (an alias)."""
 
     def __init__(self, calls: ChainCalls, index: int, original: str):
         super().__init__()
@@ -65,8 +76,7 @@ class PassThrough(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not args:
             raise FusionError(f"{self.original} (fused into a chain) was called without a positional input")
-        self.calls.record(self.index, args, kwargs)
-        return args[0]
+        return self.calls.record(self.index, args, kwargs)
 
     def extra_repr(self) -> str:
         return f"{self.original}: runs inside the fused chain"
@@ -99,11 +109,11 @@ class FusedChain(nn.Module):
                 f"fused chain {'+'.join(self.names)}: expected {', '.join(self.names[:-1])} to be called just before "
                 f"{self.names[-1]}, got calls {[self.names[c[0]] for c in calls]}"
             )
-        if expected and (not args or args[0] is not calls[-1][1][0]):
-            raise FusionError(
-                f"fused chain {'+'.join(self.names)}: {self.names[-1]} did not receive the output of "
-                f"{self.names[-2]} unchanged, so these modules are not adjacent and cannot be fused"
-            )
+        # each later member must receive exactly what the pass-through before it handed on
+        received = [c[1][0] for c in calls[1:]] + [args[0] if args else None]
+        for (index, earlier_args, _, handed), given in zip(calls, received):
+            if given is not handed:
+                self._refuse_non_adjacent(index, same_input=given is earlier_args[0])
         first_args, first_kwargs = (calls[0][1], calls[0][2]) if calls else (args, kwargs)
         kernel = self.kernel
         if (
@@ -114,11 +124,22 @@ class FusedChain(nn.Module):
             return kernel(self, *first_args, **first_kwargs)
         modules = [getattr(self, n) for n in self.names]
         out = modules[0](*first_args, **first_kwargs)
-        for (_, call_args, call_kwargs), module in zip(calls[1:], modules[1:-1]):
+        for (_, call_args, call_kwargs, _), module in zip(calls[1:], modules[1:-1]):
             out = module(out, *call_args[1:], **call_kwargs)
         if expected:
             out = modules[-1](out, *args[1:], **kwargs)
         return out
+
+    def _refuse_non_adjacent(self, index: int, *, same_input: bool) -> None:
+        earlier, later = self.names[index], self.names[index + 1]
+        why = (
+            f"got the same input as {earlier} (they are parallel branches, not a chain)"
+            if same_input
+            else f"did not receive the output of {earlier} unchanged"
+        )
+        raise FusionError(
+            f"fused chain {'+'.join(self.names)}: {later} {why}, so these modules are not adjacent and cannot be fused"
+        )
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel_name or 'none (modules run in order)'}"

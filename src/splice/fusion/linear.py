@@ -203,9 +203,7 @@ class SiblingLinearsSpec(ModuleFusionSpec):
     def check_options(self, family: str, options: SiblingLinearsOptions) -> None:  # type: ignore[override]
         from splice.errors import FusionError
 
-        if options.names is not None and (
-            len(options.names) < 2 or not all(isinstance(n, str) for n in options.names)
-        ):
+        if options.names is not None and len(options.names) < 2:
             raise FusionError(
                 f"{family!r}: option names must list at least two attribute names, got {options.names!r}"
             )

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from splice.errors import FusionError, WeightMapError
-from splice.fusion.spec import FusionOptions, ModuleFusionSpec, resolve_config
+from splice.fusion.spec import FusionOptions, ModuleFusionSpec, registered_families, resolve_config
 from splice.transforms import TensorMeta
 from splice.weightmap import Plan, Rule, Step, WeightMap
 
@@ -42,10 +42,8 @@ class FusionRecord:
     child_order: list[str]  # the parent's children before fusing, to restore them in order
     requires_grad: dict[str, bool]
     layout: dict[str, Any] = field(default_factory=dict)
-    call: int = 0
-    installed: dict[str, nn.Module] = field(
-        default_factory=dict
-    )  # the children splice put in place  # which fuse() call made it; one call and family make one WeightMap stage
+    call: int = 0  # which fuse() call made it; one call and family make one WeightMap stage
+    installed: dict[str, nn.Module] = field(default_factory=dict)  # the children splice put in place
 
     def rules(self) -> list[Rule]:
         """The plan as literal rules over model-level keys."""
@@ -67,7 +65,9 @@ class SpliceState:
     """What splice did to one model instance. Lives in the instance's ``__dict__``, nowhere else."""
 
     records: list[FusionRecord] = field(default_factory=list)
-    config: dict[str, Any] = field(default_factory=dict)  # JSON form, for config.json
+    # JSON form, for config.json: one entry per family fused by its registered name, so that the name
+    # and options reproduce exactly these records (fuse_modules chains and specs passed per call have none)
+    config: dict[str, Any] = field(default_factory=dict)
     original_keys: list[str] = field(default_factory=list)
     calls: int = 0
     gather_state_dict: Any = (
@@ -80,6 +80,16 @@ class SpliceState:
         for record in self.records:
             stages.setdefault((record.call, record.family), []).extend(record.rules())
         return WeightMap(tuple(tuple(rules) for rules in stages.values()))
+
+    def check_reloadable(self) -> None:
+        """Refuse a runtime-layout save whose fusion_config could not load it back."""
+        unnamed = sorted({r.family for r in self.records} - set(self.config))
+        if unnamed:
+            raise FusionError(
+                f"cannot save the runtime layout: fusion_config can only name registered families, and "
+                f"{', '.join(map(repr, unnamed))} came from fuse_modules or a spec passed per call; save in the "
+                "original layout (the default) or unfuse them first"
+            )
 
 
 def get_state(model: nn.Module) -> SpliceState | None:
@@ -153,6 +163,11 @@ def fuse(model: nn.Module, config: Any) -> FusionReport:
     triples = resolve_config(config)
     if not triples:
         raise FusionError("the fusion config enables no family")
+    entries = {family: _config_entry(family, spec, options) for family, spec, options in triples}
+    state = get_state(model)
+    for family, entry in entries.items():
+        if state is not None and any(r.family == family for r in state.records):
+            _check_same_entry(family, state.config.get(family), entry)
     state = _ensure_state(model)
     state.calls += 1
     records: list[FusionRecord] = []
@@ -165,7 +180,8 @@ def fuse(model: nn.Module, config: Any) -> FusionReport:
                 record = _apply(*item, call=state.calls)
                 state.records.append(record)
                 records.append(record)
-            state.config[family] = spec.options_to_json(options)
+            if entries[family] is not None:
+                state.config[family] = entries[family]
     except BaseException:
         # a later family failed: undo this call's earlier families, so a refused request changes nothing
         for record in reversed(records):
@@ -178,6 +194,23 @@ def fuse(model: nn.Module, config: Any) -> FusionReport:
             del model.__dict__[STATE_ATTR]
         raise
     return FusionReport(records)
+
+
+def _config_entry(family: str, spec: ModuleFusionSpec, options: FusionOptions) -> Any:
+    """What config.json records for this family, or None when its name does not lead back to ``spec``."""
+    return spec.options_to_json(options) if registered_families().get(family) is spec else None
+
+
+def _check_same_entry(family: str, recorded: Any, entry: Any) -> None:
+    """A family already fused here must be fused again the same way: config.json holds one entry per family."""
+    if entry != recorded:
+        described = [
+            f"options {e!r}" if e is not None else "a spec passed per call" for e in (recorded, entry)
+        ]
+        raise FusionError(
+            f"{family!r} is already fused with {described[0]}, not {described[1]}; a model records one set of "
+            f"options per family: pass one config covering all its modules, or unfuse(model, family={family!r}) first"
+        )
 
 
 def discover(
@@ -361,7 +394,18 @@ def unfuse(model: nn.Module, *, family: str | None = None) -> int:
 
 
 def _overlaps(record: FusionRecord, chosen: list[FusionRecord]) -> bool:
-    return any(r.path.startswith(record.path) or record.path.startswith(r.path) for r in chosen)
+    """Whether ``record`` replaced or moved a module that undoing one of ``chosen`` would put back."""
+    return any(_nested(a, b) for r in chosen for a in _replaced(record) for b in _replaced(r))
+
+
+def _replaced(record: FusionRecord) -> list[str]:
+    """The module paths a fusion set (and its undo resets); its tensors all live under them."""
+    prefix = f"{record.path}." if record.path else ""
+    return [prefix + name for name in record.installed]
+
+
+def _nested(a: str, b: str) -> bool:
+    return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.")
 
 
 def _check_restorable(model: nn.Module, record: FusionRecord) -> None:
