@@ -411,3 +411,12 @@ def test_save_keeps_other_files_and_drops_stale_weights(llama_dir, tmp_path):
         "model.safetensors",
         "tokenizer.json",
     ]
+
+
+@pytest.mark.parametrize("given", ["fused", "original"])
+def test_a_state_dict_passed_to_save_is_written_in_the_original_layout(llama_dir, tmp_path, given):
+    """Trainer and accelerate pass the model's (fused) state dict; it is converted as the model's own is."""
+    model = splice.from_pretrained(T.AutoModelForCausalLM, llama_dir, fusion_config=FUSED)
+    state_dict = model.state_dict() if given == "fused" else splice.original_state_dict(model)
+    splice.save_pretrained(model, tmp_path / "saved", state_dict=state_dict)
+    assert same_files(llama_dir, tmp_path / "saved") == []  # config.json, generation_config.json, weights

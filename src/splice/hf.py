@@ -629,8 +629,10 @@ def save_pretrained(
     so plain ``transformers`` loads the result. ``save_original_format=False`` writes the runtime
     layout and records the ``fusion_config`` in config.json; ``splice.from_pretrained`` loads both.
     Files in the directory that are not weights or configs (tokenizer files, ...) are kept.
-    Unless ``max_shard_size`` is given, a model loaded by splice is split into the files it came
-    from (so the files come back byte for byte); otherwise shards are cut at 50GB as transformers does.
+    A ``state_dict`` passed in is taken to be the fused model's (as transformers takes it) and is
+    converted the same way. Unless ``max_shard_size`` is given, a model loaded by splice is split into
+    the files it came from (so the files come back byte for byte); otherwise shards are cut at 50GB as
+    transformers does.
     """
     if kwargs.pop("safe_serialization", True) is False:
         raise LoadError(
@@ -644,8 +646,10 @@ def save_pretrained(
     out = Path(save_directory)
     gather = getattr(state, "gather_state_dict", None) if state_dict is None else None
     if gather is None:
-        if state_dict is None:
-            state_dict = original_state_dict(model) if save_original_format else model.state_dict()
+        if save_original_format:  # a given state dict is the fused model's too, as transformers assumes
+            state_dict = original_state_dict(model, state_dict)
+        elif state_dict is None:
+            state_dict = model.state_dict()
         _write_checkpoint(model, state, state_dict, out, save_original_format, max_shard_size)
         return out
     # a model loaded sharded by splice.parallel: every rank gathers, rank 0 writes, and every rank returns

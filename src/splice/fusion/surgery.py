@@ -434,12 +434,18 @@ def _restore(model: nn.Module, record: FusionRecord) -> None:
         _assign(module, key, tensor, record.requires_grad[key], where=where)
 
 
-def original_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def original_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The model's state dict in the layout it had before fusing (the checkpoint's layout).
 
-    Tensors are detached; pieces of fused tensors are views, so this costs no extra memory.
+    ``state_dict`` is a state dict of the fused model to convert instead of its own (one a trainer
+    gathered, say), keyed as ``model.state_dict()`` is. Tensors are detached; pieces of fused tensors
+    are views, so this costs no extra memory.
     """
-    runtime = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
+    if state_dict is None:
+        state_dict = model.state_dict(keep_vars=True)
+    runtime = {k: v.detach() for k, v in state_dict.items()}
     state = get_state(model)
     if state is None or not state.records:
         return runtime
