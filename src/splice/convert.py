@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from splice.checkpoint import DTYPE_OF_TAG, TAG_OF_DTYPE, CheckpointReader, CheckpointWriter, plan_shards
+from splice.checkpoint.atomic import refuse_foreign_dir
 from splice.checkpoint.reader import DEFAULT_WEIGHTS_NAME
 from splice.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
 from splice.errors import CheckpointError, WeightMapError
@@ -435,13 +436,7 @@ def _refuse_overlap(src: Path, dst: Path) -> None:
         raise CheckpointError(f"refusing to write DST {dst} inside SRC {src}")
     if real_dst in root.parents:
         raise CheckpointError(f"refusing to write DST {dst}: it contains SRC {src} and would replace it")
-    if real_dst.exists() and not real_dst.is_dir():
-        raise CheckpointError(f"DST {dst} exists and is not a directory")
-    if real_dst.is_dir() and not any(real_dst.glob("*.safetensors")) and any(real_dst.iterdir()):
-        raise CheckpointError(
-            f"refusing to replace DST {dst}: it is a directory that holds files but no safetensors "
-            "checkpoint; remove it or choose a new one"
-        )
+    refuse_foreign_dir(dst, "DST")
 
 
 def _refuse_overlap_files(reader: CheckpointReader, dst: Path) -> None:

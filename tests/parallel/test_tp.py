@@ -244,6 +244,15 @@ def test_world_4_replicated_kv_and_padded_mlp(workdir):
         consolidate(broken, workdir / "never")
     assert not (workdir / "never").exists()
 
+    # OUT_DIR is replaced as a whole: a directory of other files is refused and kept, as convert does
+    (workdir / "notes" / "sub").mkdir(parents=True)
+    (workdir / "notes" / "sub" / "important.txt").write_text("keep")
+    with pytest.raises(
+        CheckpointError, match=r"refusing to replace OUT_DIR .*notes: it is a directory that holds"
+    ):
+        consolidate(workdir / "shards-4", workdir / "notes")
+    assert (workdir / "notes" / "sub" / "important.txt").read_text() == "keep"
+
 
 def edit(path: Path, key: str, change) -> None:
     """Change one tensor of a shard file, keeping its metadata."""

@@ -126,6 +126,21 @@ def replace_dir(staging: Path, out_dir: Path) -> None:
             remove_tree(old)
 
 
+def refuse_foreign_dir(out_dir: Path, label: str) -> None:
+    """Refuse to replace ``out_dir`` when it exists as a file, or as a directory of files but no checkpoint.
+
+    Commands that write a whole new checkpoint directory (``convert``, ``consolidate``) replace the old
+    one as a whole; a directory of something else is far more likely a typo than an old output.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{label} {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and not any(out_dir.glob("*.safetensors")) and any(out_dir.iterdir()):
+        raise CheckpointError(
+            f"refusing to replace {label} {out_dir}: it is a directory that holds files but no safetensors "
+            "checkpoint; remove it or choose a new one"
+        )
+
+
 def remove_tree(path: Path) -> None:
     try:
         shutil.rmtree(path)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from splice.checkpoint import DTYPE_OF_TAG, TAG_OF_DTYPE, CheckpointReader, CheckpointWriter
+from splice.checkpoint.atomic import refuse_foreign_dir
 from splice.errors import CheckpointError, WeightMapError
 from splice.parallel.layout import Read, local_reads, traceable
 from splice.parallel.shards import FORMAT, METADATA_NAME, RANK_KEY, WORLD_KEY
@@ -379,6 +380,7 @@ def _refuse_overlap(shards_dir: Path, out: Path) -> None:
     src, dst = Path(os.path.realpath(shards_dir)), Path(os.path.realpath(out))
     if dst == src or src in dst.parents or dst in src.parents:
         raise CheckpointError(f"refusing to write {out}: it overlaps the shards directory {shards_dir}")
+    refuse_foreign_dir(out, "OUT_DIR")
 
 
 class _progress_bar:
