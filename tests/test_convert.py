@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -467,6 +469,38 @@ def test_a_failure_mid_conversion_leaves_dst_unchanged(llama, tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="op failed"):
         convert_checkpoint(root / "single", tmp_path / "new", WeightMap.parse(["lm_head.weight -> lm_head.t | transpose"]), progress=False)  # fmt: skip
     assert not (tmp_path / "new").exists() and leftovers(tmp_path) == []
+
+
+def test_sigterm_mid_conversion_unwinds_like_ctrl_c(llama, tmp_path, monkeypatch, capsys):
+    """``timeout`` and schedulers send SIGTERM: the staging directory goes, and DST stays as it was."""
+    _, root = llama
+    save_state_dict({"old": torch.ones(3)}, tmp_path / "dst")
+    before = tree_bytes(tmp_path / "dst")
+    FUSE.save(tmp_path / "map.json")
+    original, writes = CheckpointWriter.write, []
+
+    def terminated_write(self, key, tensor):
+        writes.append(key)
+        if len(writes) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode, inside the conversion
+        original(self, key, tensor)
+
+    monkeypatch.setattr(CheckpointWriter, "write", terminated_write)
+    reached = []  # without splice's own handler the signal lands here, not in the test runner's death
+
+    def catcher(*_):
+        reached.append(True)
+
+    previous = signal.signal(signal.SIGTERM, catcher)
+    try:
+        argv = ["convert", str(root / "sharded"), str(tmp_path / "dst"), "--map", str(tmp_path / "map.json"), "--quiet"]  # fmt: skip
+        assert main(argv) == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is catcher  # main put back the handler it found
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert reached == []
+    assert "splice convert: terminated" in capsys.readouterr().err
+    assert tree_bytes(tmp_path / "dst") == before and leftovers(tmp_path) == []
 
 
 def test_a_corrupt_record_is_a_clear_error(llama, tmp_path):

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
+from typing import Any
 
 from splice.errors import SpliceError
 
@@ -83,16 +87,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``kill``, a scheduler), unwound like Ctrl-C so staging directories are removed."""
+
+
+def _on_sigterm(pid: int) -> Any:
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != pid:  # a worker process forked from this one: die as SIGTERM would
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise _Terminated()
+
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm(os.getpid()))
     try:
         return int(args.func(args) or 0)
     except SpliceError as exc:
         print(f"splice {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print(f"splice {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"splice {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
