@@ -7,7 +7,7 @@ import logging
 import pytest
 from modular_helpers import code, definitions, imports, methods
 
-from splice.modular import convert_file
+from splice.modular import ModularError, convert_file
 
 BASE = '''
 # Copyright the Base authors.
@@ -514,3 +514,74 @@ def test_parent_functions_keep_their_names_and_kernel_decorators(package):
             return x
     ''')
     assert "return base_scan(x)" in found["ChildMixer"]
+
+
+def test_names_in_all_are_kept_even_when_no_class_uses_them(tree):
+    out = tree("""
+        from ..base.modeling_base import BaseMLP
+
+
+        def unused_helper():
+            return 1
+
+
+        class ChildMLP(BaseMLP):
+            pass
+
+
+        if True:
+            EXTRA = 1
+        __all__ = ["ChildMLP", "unused_helper", "EXTRA"]
+        """)["modeling_child.py"]
+    found = definitions(out)
+    assert found["unused_helper"] == code("def unused_helper():\n    return 1")
+    assert code("if True:\n    EXTRA = 1") in code(out)
+    assert list(found)[-1] == "__all__"
+
+
+def test_statement_binding_no_name_is_kept_after_what_it_uses(tree):
+    out = tree("""
+        from ..base.modeling_base import BaseMLP
+
+        REGISTRY = {}
+
+
+        def child_kernel(x):
+            return x
+
+
+        class ChildMLP(BaseMLP):
+            pass
+
+
+        REGISTRY["child"] = child_kernel
+        """)["modeling_child.py"]
+    body = code(out)
+    assert body.index("def child_kernel") < body.index("REGISTRY['child'] = child_kernel")
+    assert body.index("REGISTRY = {}") < body.index("REGISTRY['child'] = child_kernel")
+
+
+def test_metaclass_keyword_of_the_child_is_kept(tree):
+    out = tree("""
+        from ..base.modeling_base import BaseMLP
+
+
+        class ChildMLP(BaseMLP, metaclass=type):
+            pass
+        """)["modeling_child.py"]
+    assert definitions(out)["ChildMLP"].startswith("class ChildMLP(nn.Module, metaclass=type):")
+
+
+@pytest.mark.parametrize(
+    "statement", ["type Alias = int", "class ChildMLP[T](BaseMLP):\n    pass"], ids=["alias", "class"]
+)
+def test_pep695_syntax_is_kept_or_an_error_with_its_line(tree, statement):
+    import sys
+
+    modular = "from ..base.modeling_base import BaseMLP\n\n" + statement + "\n\n__all__ = ['Alias']\n"
+    if sys.version_info >= (3, 12):
+        out = tree(modular)["modeling_child.py"]
+        assert statement.split(":")[0].split(" =")[0] in out
+    else:
+        with pytest.raises(ModularError, match=r"modular_child\.py:3: PEP 695 type parameters"):
+            tree(modular)

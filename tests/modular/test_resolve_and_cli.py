@@ -53,6 +53,67 @@ def test_relative_parent_two_levels_up(package):
     assert "self.proj = nn.Linear(4, 4)" in found["ChildBlock"]
 
 
+PARENT_WITH_HELPER = """
+from torch import nn
+
+from ...utils import scale
+
+
+class BaseBlock(nn.Module):
+    def forward(self, x):
+        return scale(x)
+"""
+
+
+def test_parent_relative_import_kept_when_it_reaches_the_same_module(package):
+    # The transformers layout: `...utils` from models/base and from models/child is the same module.
+    root = package(
+        {
+            "utils.py": "",
+            "models/base/modeling_base.py": PARENT_WITH_HELPER,
+            "models/child/modular_child.py": CHILD,
+        }
+    )
+    out = convert_file(root / "models/child/modular_child.py")["modeling_child.py"]
+    assert "from ...utils import scale" in imports(out)
+
+
+def test_parent_relative_import_made_absolute_for_another_depth(package):
+    root = package(
+        {
+            "utils.py": "",
+            "models/base/modeling_base.py": PARENT_WITH_HELPER,
+            "deep/a/b/modular_deep.py": CHILD.replace(
+                "..base.modeling_base", "....models.base.modeling_base"
+            ),
+        }
+    )
+    out = convert_file(root / "deep/a/b/modular_deep.py")["modeling_deep.py"]
+    assert "from mypkg.utils import scale" in imports(out)
+    assert not any(line.startswith("from .") for line in imports(out))
+
+
+def test_parent_relative_imports_of_transformers_become_absolute_outside_it(package):
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed")
+    root = package(
+        {
+            "models/foo/modular_foo.py": """
+                from transformers.models.llama.modeling_llama import LlamaMLP
+
+
+                class FooMLP(LlamaMLP):
+                    pass
+                """
+        }
+    )
+    found = imports(convert_file(root / "models/foo/modular_foo.py")["modeling_foo.py"])
+    assert "from transformers.activations import ACT2FN" in found
+    assert not any(line.startswith("from .") for line in found)
+
+
 def test_absolute_parent_from_an_importable_package(package, monkeypatch):
     # The parent package is on sys.path but never imported: its source is located, not executed.
     installed = package(
@@ -234,3 +295,51 @@ def test_cli_relays_warnings_from_worker_processes(package, capsys):
     assert "splice modular: warning: " in err
     assert "use several prefixes (Child, ChildText)" in err
     assert (root / "models/other/modeling_other.py").is_file()
+
+
+def test_cli_refuses_two_inputs_generating_the_same_file_before_writing(package, tmp_path, capsys):
+    first = package({"x/modular_child.py": "class ChildA:\n    pass\n"}, name="one")
+    second = package({"x/modular_child.py": "class ChildB:\n    pass\n"}, name="two")
+    out_dir = tmp_path / "out"
+    assert main(["modular", str(first), str(second), "--output-dir", str(out_dir)]) == 2
+    error = capsys.readouterr().err
+    assert "one/x/modular_child.py and " in error and "two/x/modular_child.py both generate" in error
+    assert not out_dir.exists()
+
+
+def test_cli_output_dir_that_is_a_file_is_a_one_line_error(child, tmp_path, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    assert main(["modular", str(child), "--output-dir", str(a_file)]) == 2
+    error = capsys.readouterr().err
+    assert error.strip().endswith("afile: --output-dir must be a folder, and this is a file")
+    assert "Traceback" not in error and len(error.strip().splitlines()) == 1
+
+
+def test_cli_check_into_a_closed_pipe_stops_quietly(child, tmp_path, monkeypatch, capsys):
+    class ClosedPipe:
+        def __init__(self):
+            self.sink = (tmp_path / "sink").open("w")
+
+        def write(self, text):
+            raise BrokenPipeError
+
+        writelines = write
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return self.sink.fileno()
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["modular", str(child), "--check"]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_non_utf8_modular_file_is_a_user_error(package):
+    root = package({"models/child/modular_child.py": ""})
+    path = root / "models/child/modular_child.py"
+    path.write_bytes("# caf\xe9\nclass ChildBlock:\n    pass\n".encode("latin-1"))
+    with pytest.raises(ModularError, match=r"modular_child\.py: not UTF-8 \(byte 0xe9 at offset 5\)"):
+        convert_file(path)

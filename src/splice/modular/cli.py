@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -100,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         raise ModularError(f"--jobs must be at least 1, got {args.jobs}")
     files = find_modular_files(list(args.paths))
     output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir is not None and output_dir.exists() and not output_dir.is_dir():
+        raise ModularError("--output-dir must be a folder, and this is a file", output_dir)
     results = _convert_all(files, args.jobs)
 
     for result in results:
@@ -112,10 +115,36 @@ def run(args: argparse.Namespace) -> int:
             print(f"splice modular: error: {message}", file=sys.stderr)
         raise ModularError(errors[0] + more)
 
-    if args.check:
-        return _check(results, output_dir)
+    _refuse_shared_targets(results, output_dir)
+    try:
+        if args.check:
+            return _check(results, output_dir)
+        return _write(results, output_dir)
+    except BrokenPipeError:
+        # The reader went away (`splice modular --check | head`): stop quietly, as other tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _refuse_shared_targets(results: list[Result], output_dir: Path | None) -> None:
+    """Two modular files generating the same path would overwrite each other: refuse before writing."""
+    source_of: dict[Path, Path] = {}
+    for result in results:
+        for target in _targets(result, output_dir):
+            first = source_of.setdefault(target, result.modular)
+            if first != result.modular:
+                raise ModularError(
+                    f"{first} and {result.modular} both generate {target}; "
+                    "convert them into different --output-dir folders"
+                )
+
+
+def _write(results: list[Result], output_dir: Path | None) -> int:
     if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ModularError(f"cannot create --output-dir: {exc.strerror}", output_dir) from None
     written = unchanged = 0
     for result in results:
         for target, text in _targets(result, output_dir).items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +23,13 @@ from libcst.metadata import MetadataWrapper, PositionProvider
 
 from splice.modular.emit import format_code, render
 from splice.modular.errors import ModularError
-from splice.modular.imports import needed_imports
-from splice.modular.index import Definition, ModuleIndex, names_used
+from splice.modular.imports import needed_imports, reanchor
+from splice.modular.index import UNNAMED, Definition, ModuleIndex, names_used
 from splice.modular.merge import merge_class
 from splice.modular.names import NameBook, NameSwap, config_mapping
 from splice.modular.parents import ParentImport, choose_prefix, find_parent_imports, prefix_of, specific_base
 from splice.modular.rename import ParentView
-from splice.modular.resolve import load_index, parse_file
+from splice.modular.resolve import load_index, package_of, parse_file, read_source
 from splice.modular.split import FILE_TYPE_ORDER, MODULAR_NAME, file_type, output_name, split_all
 
 logger = logging.getLogger("splice.modular")
@@ -61,8 +62,9 @@ class Conversion:
             raise ModularError("a modular file must be named modular_<model>.py", path)
         self.model_name = match["model"]
         self.module = parse_file(self.path)
-        self.source = self.path.read_text(encoding="utf-8")
+        self.source = read_source(self.path)
         self.index = ModuleIndex.build(self.module, str(self.path))
+        self.package = package_of(self.path)  # where the generated files live, for relative imports
         self.book = _name_book(self.path.parent.parent)
         self.cased_name = self._cased(self.model_name, self.index.class_names)
         self.imported: dict[str, ParentImport] = {}
@@ -125,7 +127,10 @@ class Conversion:
         chosen = choose_prefix(self.path, path, prefixes, self.cased_name, old_cased, index.class_names)
         new_snake = self._snake(chosen) if chosen != self.cased_name else self.model_name
         swap = NameSwap(old_snake, new_snake, old_cased, chosen)
-        return ParentView(index, swap, self.model_name, set(self.index.definitions))
+        view = ParentView(index, swap, self.model_name, set(self.index.definitions))
+        parent_package = package_of(path)
+        view.imports = [reanchor(statement, parent_package, self.package) for statement in view.imports]
+        return view
 
     def _doc_swap(self, old_cased: str, new_cased: str) -> NameSwap | None:
         old_snake, new_snake = self._snake(old_cased), self._snake(new_cased)
@@ -202,6 +207,7 @@ class Conversion:
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> dict[str, str]:
+        self._check_syntax_version()
         self.imported = find_parent_imports(self.index, self.path, self.error)
         self.build_views()
         all_per_file: dict[str, cst.SimpleStatementLine] = {}
@@ -213,7 +219,36 @@ class Conversion:
         for name in _MODULE_HOOKS:
             if name in self.index.definitions:
                 self._place_hook(self.index.definitions[name])
+        self._keep_own_definitions(all_per_file)
         return self._render(all_per_file)
+
+    def _check_syntax_version(self) -> None:
+        """Which names a definition uses comes from CPython's parser: it must read the file's syntax."""
+        if sys.version_info >= (3, 12):
+            return
+        for statement in self.module.body:
+            smalls = statement.body if isinstance(statement, cst.SimpleStatementLine) else ()
+            if any(isinstance(small, cst.TypeAlias) for small in smalls) or getattr(
+                statement, "type_parameters", None
+            ):
+                raise self.error(
+                    "PEP 695 type parameters (`class X[T]`, `type X = ...`) need Python 3.12 or later "
+                    f"to flatten; this is Python {sys.version_info.major}.{sys.version_info.minor}",
+                    statement,
+                )
+
+    def _keep_own_definitions(self, all_per_file: dict[str, cst.SimpleStatementLine]) -> None:
+        """What the modular file writes for its own sake, even if no class uses it: the names its
+        ``__all__`` exports, and top-level statements that bind no name (``REGISTRY["x"] = f``)."""
+        for kind, statement in all_per_file.items():
+            for element in statement.body[0].value.elements:
+                name = element.value.evaluated_value
+                definition = self.index.definitions.get(name)
+                if definition is not None and definition.kind != "class":
+                    self.require(self.outputs.setdefault(kind, _Output(kind)), name, None)
+        for name, definition in self.index.definitions.items():
+            if definition.kind == "statement" and name == UNNAMED.format(position=definition.position):
+                self.require(self.outputs.setdefault("modeling", _Output("modeling")), name, None)
 
     def _place_hook(self, definition: Definition) -> None:
         """A module ``__getattr__`` goes with the classes it names (it serves their old names)."""
@@ -286,7 +321,11 @@ class Conversion:
             self.outputs, key=lambda k: (FILE_TYPE_ORDER.index(k) if k in FILE_TYPE_ORDER else 99, k)
         ):
             out = self.outputs[kind]
-            definitions = sorted(out.definitions.values(), key=lambda d: 0 if d.name in _FIRST else 1)
+            # One statement binding several names is indexed under each of them: emit it once.
+            unique: dict[int, Definition] = {}
+            for definition in out.definitions.values():
+                unique.setdefault(id(definition.node), definition)
+            definitions = sorted(unique.values(), key=lambda d: 0 if d.name in _FIRST else 1)
             body = [_spaced(self._code(d.node)) for d in definitions]
             if kind in all_per_file:
                 body.append("\n\n" + self._code(all_per_file[kind]))

@@ -13,11 +13,14 @@ from typing import Literal
 
 import libcst as cst
 
-Kind = Literal["class", "function", "assignment"]
+Kind = Literal["class", "function", "assignment", "statement"]
+# The name a top-level statement that binds nothing is indexed under (`REGISTRY["x"] = f`).
+UNNAMED = "<statement {position}>"
 
 
 class Definition:
-    """A top-level class, function or ``NAME = ...`` assignment of some file."""
+    """A top-level class, function or ``NAME = ...`` assignment of some file; in the modular file, also any
+    other top-level statement (``if ...: X = 1``, ``type X = int``, ``REGISTRY["x"] = f``)."""
 
     __slots__ = ("name", "kind", "_node", "position", "origin", "source", "ast_node")
 
@@ -97,6 +100,40 @@ def assignment_target(statement: cst.CSTNode) -> str | None:
     return None
 
 
+def _is_docstring(statement: cst.CSTNode) -> bool:
+    return (
+        isinstance(statement, cst.SimpleStatementLine)
+        and len(statement.body) == 1
+        and isinstance(statement.body[0], cst.Expr)
+        and isinstance(statement.body[0].value, (cst.SimpleString, cst.ConcatenatedString))
+    )
+
+
+def statement_bindings(statement: cst.CSTNode) -> list[str]:
+    """The module-level names a top-level statement binds (``if ...: X = 1`` -> ``["X"]``), in order."""
+    if isinstance(statement, cst.SimpleStatementLine) and isinstance(statement.body[0], cst.TypeAlias):
+        return [statement.body[0].name.value]  # `type X = int`: CPython < 3.12 cannot parse it
+    try:
+        tree = ast.parse(cst.Module([]).code_for_node(statement))
+    except SyntaxError:
+        return []
+    names: list[str] = []
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.append(child.name)  # its body is a scope of its own
+            elif isinstance(child, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+                continue
+            else:
+                if isinstance(child, ast.Name) and isinstance(child.ctx, ast.Store):
+                    names.append(child.id)
+                visit(child)
+
+    visit(tree)
+    return list(dict.fromkeys(names))
+
+
 def is_import_line(statement: cst.CSTNode) -> bool:
     return isinstance(statement, cst.SimpleStatementLine) and all(
         isinstance(small, (cst.Import, cst.ImportFrom)) for small in statement.body
@@ -150,10 +187,13 @@ class ModuleIndex:
                 index._add(Definition(statement.name.value, "function", statement, position, origin))
             elif is_import_line(statement) or is_guarded_imports(statement):
                 index.imports.append(statement)
-            else:
-                target = assignment_target(statement)
-                if target is not None:
-                    index._add(Definition(target, "assignment", statement, position, origin))
+            elif (target := assignment_target(statement)) is not None:
+                index._add(Definition(target, "assignment", statement, position, origin))
+            elif position > 0 or not _is_docstring(statement):
+                # Kept too: each name it binds finds it, and one that binds none is always emitted.
+                names = statement_bindings(statement) or [UNNAMED.format(position=position)]
+                for name in names:
+                    index._add(Definition(name, "statement", statement, position, origin))
         return index
 
     @classmethod

@@ -175,6 +175,9 @@ def merge_class(
     return parent.with_changes(
         name=child.name,
         bases=new_bases,
+        # `metaclass=...`, `total=False` and `[T]` as the child writes them, else as the parent does.
+        keywords=child.keywords or parent.keywords,
+        type_parameters=child.type_parameters or parent.type_parameters,
         decorators=_decorators(child, parent),
         body=as_block(parent.body, body),
         leading_lines=child.leading_lines,

@@ -48,6 +48,22 @@ def is_source_module(dotted: str, level: int) -> bool:
     return len(parts) >= 2 if level else len(parts) >= 3
 
 
+def is_model_file(module: str) -> bool:
+    """Whether a module's last part names a model file: ``configuration_llama``, ``modeling_olmo2``."""
+    return _SOURCE_FILE.match(module) is not None
+
+
+def package_of(path: Path) -> tuple[str, ...]:
+    """The package a file belongs to, from the ``__init__.py`` files above it:
+    ``("transformers", "models", "llama")``; empty for a file outside any package."""
+    folder = path.resolve().parent
+    parts: list[str] = []
+    while (folder / "__init__.py").is_file():
+        parts.append(folder.name)
+        folder = folder.parent
+    return tuple(reversed(parts))
+
+
 def _module_file(folder: Path, parts: list[str]) -> Path | None:
     for part in parts[:-1]:
         folder = folder / part
@@ -93,9 +109,19 @@ def locate_relative(importer: Path, level: int, dotted: str) -> Path | None:
     return _module_file(folder, dotted.split(".")) if dotted else None
 
 
+def read_source(path: Path) -> str:
+    """A Python file's text; a user error, not a traceback, when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModularError(
+            f"not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8", path
+        ) from None
+
+
 @functools.lru_cache(maxsize=512)
 def _parse_cached(path: Path, mtime_ns: int) -> cst.Module:
-    return parse_source(path.read_text(encoding="utf-8"), path)
+    return parse_source(read_source(path), path)
 
 
 def parse_file(path: Path) -> cst.Module:
@@ -108,7 +134,7 @@ def parse_file(path: Path) -> cst.Module:
 def _index_cached(path: Path, mtime_ns: int):
     from splice.modular.index import ModuleIndex
 
-    source = path.read_text(encoding="utf-8")
+    source = read_source(path)
     try:
         return ModuleIndex.from_source(source, str(path))
     except SyntaxError as exc:
