@@ -128,3 +128,60 @@ def test_demo_runs_end_to_end(tmp_path):
         line = next(line for line in result.stdout.splitlines() if check in line)
         assert "yes" in line
     assert (tmp_path / "saved-original-layout" / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "config, reason",
+    [
+        (
+            "{nope",
+            "not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+        ),
+        ("[1]", "must be a JSON object with a model_type, got a list"),
+        ("{}", "Unrecognized model in {dir}. Should have a `model_type` key in its config.json."),
+        (
+            '{"model_type": "llama", "hidden_size": 63, "num_attention_heads": 4}',
+            "The hidden size (63) is not a multiple of the number of attention heads (4).",
+        ),
+        (
+            '{"model_type": "no_such_arch"}',
+            "The checkpoint you are trying to load has model type `no_such_arch` but Transformers does not "
+            "recognize this architecture.",
+        ),
+    ],
+)
+def test_inspect_names_a_bad_config_in_one_line(tmp_path, capsys, config, reason):
+    (tmp_path / "config.json").write_text(config)
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    expected = f"splice inspect: error: {tmp_path / 'config.json'}: {reason.format(dir=tmp_path)}"
+    if "no_such_arch" in config:  # transformers goes on with advice that changes between its versions
+        assert err.startswith(expected) and err.count("\n") == 1
+    else:
+        assert err == expected + "\n"
+
+
+def test_inspect_refuses_a_save_map_path_in_a_missing_directory(qwen2_vl_dir, tmp_path, capsys):
+    out = tmp_path / "nonexistent_dir" / "m.json"
+    assert main(["inspect", str(qwen2_vl_dir), "--save-map", str(out)]) == 2
+    assert capsys.readouterr() == (
+        "",
+        f"splice inspect: error: --save-map {out}: directory {out.parent} does not exist\n",
+    )
+
+
+def test_demo_refuses_zero_repeats_and_a_file_as_workdir(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--repeat", "0"])
+    assert info.value.code == 2
+    assert (
+        capsys.readouterr().err.splitlines()[-1]
+        == "splice demo: error: argument --repeat: must be an int >= 1, got '0'"
+    )
+    (tmp_path / "afile").write_text("keep")
+    assert main(["demo", "--workdir", str(tmp_path / "afile")]) == 2
+    assert capsys.readouterr().err == (
+        f"splice demo: error: --workdir {tmp_path / 'afile'}: cannot use it as a directory: "
+        "it exists and is not a directory\n"
+    )
+    assert (tmp_path / "afile").read_text() == "keep"

@@ -427,6 +427,15 @@ def test_the_weights_file_keeps_its_name(llama, tmp_path):
         ('["a -> b | concatt(dim=0)"]', "map.json: rule 'a -> b | concatt(dim=0)': unknown op 'concatt' in"),
         ('[{"sources": ["a"], "targets": ["b"], "ops": [{"op": "nope"}]}]', "unknown op 'nope'; known ops: "),
         ('{"rules": ["a -> b"], "format": "other"}', "not a splice.weightmap version 1 document"),
+        ('{"stages": [5]}', "map.json: stage 1: a stage is a dict with only 'rules', got 5\n"),
+        (
+            '["a -> b", {"sources": ["c"], "targets": ["d"], "ops": [{"op": "concat", "dim": 1.5}]}]',
+            "map.json: rule 2: op concat: field dim must be an int, got 1.5\n",
+        ),
+        (
+            '[{"sources": "x", "targets": ["y"]}]',
+            "map.json: rule 1: field sources must be a list of strings, got 'x'\n",
+        ),
     ],
 )
 def test_bad_maps_are_clear_errors(llama, tmp_path, capsys, text, message):
@@ -513,3 +522,28 @@ def test_a_corrupt_record_is_a_clear_error(llama, tmp_path):
         convert_checkpoint(tmp_path / "fused", tmp_path / "out", None, reverse=True, progress=False)
     with CheckpointReader(tmp_path / "fused") as reader:
         assert reader.metadata == {SOURCE_LAYOUT_KEY: "[1, 2"}
+
+
+def test_a_mistyped_recorded_map_or_layout_is_a_clear_error(llama, tmp_path, capsys):
+    _, root = llama
+    assert cli(root / "single", tmp_path / "fused", "--map", root / "fuse.json", "--quiet") == 0
+    with CheckpointReader(tmp_path / "fused") as reader:
+        tensors = {k: reader.get(k) for k in reader.keys()}
+        recorded = dict(reader.metadata)
+    metadata = {**recorded, MAP_KEY: recorded[MAP_KEY].replace('"dim": 0', '"dim": "0"', 1)}
+    save_state_dict(tensors, tmp_path / "tampered", metadata=metadata)
+    assert cli(tmp_path / "tampered", tmp_path / "back", "--reverse") == 2
+    assert capsys.readouterr().err == (
+        f"splice convert: error: {tmp_path / 'tampered'}: the recorded {MAP_KEY} is unreadable: "
+        "rule 1: op concat: field dim must be an int, got '0'\n"
+    )
+    assert not (tmp_path / "back").exists()
+
+    layout = {**json.loads(recorded[SOURCE_LAYOUT_KEY]), "index_metadata": [1]}
+    metadata = {**recorded, SOURCE_LAYOUT_KEY: json.dumps(layout)}
+    save_state_dict(tensors, tmp_path / "tampered", metadata=metadata)
+    assert cli(tmp_path / "tampered", tmp_path / "back", "--reverse") == 2
+    assert capsys.readouterr().err == (
+        f"splice convert: error: {tmp_path / 'tampered'}: {SOURCE_LAYOUT_KEY} / {SOURCE_METADATA_KEY} in its "
+        "metadata are not what splice convert writes (TypeError: its index_metadata is a list)\n"
+    )

@@ -253,6 +253,37 @@ def test_op_descriptions_reject_unknown_names_and_fields():
         parse_op("concat(dim=")
 
 
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"op": "concat", "dim": 1.5}, "op concat: field dim must be an int, got 1.5"),
+        ({"op": "concat", "dim": True}, "op concat: field dim must be an int, got True"),
+        ({"op": "concat", "sizes": "ab"}, "op concat: field sizes must be a list of ints, got 'ab'"),
+        ({"op": "concat", "sizes": [1, 2.0]}, "op concat: field sizes must be a list of ints, got [1, 2.0]"),
+        ({"op": "transpose", "dim0": "a"}, "op transpose: field dim0 must be an int, got 'a'"),
+        (
+            {"op": "permute_blocks", "blocks": [2, 2], "perm": 3},
+            "op permute_blocks: field perm must be a list of ints, got 3",
+        ),
+        ({"op": "pad", "size": 4, "original": "3"}, "op pad: field original must be an int, got '3'"),
+    ],
+)
+def test_op_fields_are_checked_against_their_annotations(data, message):
+    with pytest.raises(TransformError) as info:
+        op_from_dict(data)
+    assert str(info.value) == message
+    text = f"{data['op']}({', '.join(f'{k}={v!r}' for k, v in data.items() if k != 'op')})"
+    with pytest.raises(TransformError) as info:
+        parse_op(text)  # the printed form goes through the same check
+    assert str(info.value) == message
+
+
+def test_op_fields_accept_what_to_dict_writes_and_none_for_optional_sizes():
+    assert op_from_dict({"op": "concat", "dim": -1, "sizes": None}) == Concat(-1)
+    assert op_from_dict({"op": "concat", "dim": 0, "sizes": [2, 3]}) == Concat(0, (2, 3))
+    assert parse_op("concat(dim=0, sizes=(2, 3))") == Concat(0, (2, 3))
+
+
 def test_ops_are_plain_printable_values():
     op = Concat(0, (64, 16, 16))
     assert str(op) == "concat(dim=0, sizes=(64, 16, 16))"

@@ -245,6 +245,62 @@ def test_malformed_maps_get_clear_errors(tmp_path, document, message):
     assert str(info.value).startswith(str(path))
 
 
+CONCAT_15 = '{"sources": ["a.{q,k}"], "targets": ["a.qk"], "ops": [{"op": "concat", "dim": 1.5}]}'
+
+
+@pytest.mark.parametrize(
+    "document, message",
+    [
+        ('{"rules": 5}', "field rules must be a list, got 5"),
+        ('{"rules": "a -> b"}', "field rules must be a list, got 'a -> b'"),
+        ('{"stages": 5}', "field stages must be a list of {'rules': [...]} dicts, got 5"),
+        ('{"stages": [5]}', "stage 1: a stage is a dict with only 'rules', got 5"),
+        ('{"stages": ["x"]}', "stage 1: a stage is a dict with only 'rules', got 'x'"),
+        ('{"stages": [{"rules": []}, {"rules": 5}]}', "stage 2: field rules must be a list, got 5"),
+        (
+            '{"stages": [{"rules": ["a -> b", 5]}]}',
+            "stage 1, rule 2: a rule is a string or a dict with 'sources' and 'targets', got 5",
+        ),
+        (f'["a -> b", {CONCAT_15}]', "rule 2: op concat: field dim must be an int, got 1.5"),
+        (
+            '["a.{q,k} -> a.qk | concat(dim=True)"]',
+            "rule 'a.{q,k} -> a.qk | concat(dim=True)': op concat: field dim must be an int, got True",
+        ),
+        (
+            '["a -> b | transpose(dim0=\\"a\\")"]',
+            "rule 'a -> b | transpose(dim0=\"a\")': op transpose: field dim0 must be an int, got 'a'",
+        ),
+        (
+            '["a -> b | permute_blocks(dim=0, blocks=(2, 2), perm=1)"]',
+            "rule 'a -> b | permute_blocks(dim=0, blocks=(2, 2), perm=1)': "
+            "op permute_blocks: field perm must be a list of ints, got 1",
+        ),
+        ('[{"sources": [1], "targets": ["b"]}]', "rule 1: field sources must be a list of strings, got [1]"),
+        ('[{"sources": "a", "targets": ["b"]}]', "rule 1: field sources must be a list of strings, got 'a'"),
+        ('[{"sources": ["a"], "targets": "b"}]', "rule 1: field targets must be a list of strings, got 'b'"),
+        (
+            '[{"sources": ["a"], "targets": ["b"], "ops": "concat"}]',
+            "rule 1: field ops must be a list, got 'concat'",
+        ),
+    ],
+)
+def test_mistyped_fields_are_named_with_their_rule(tmp_path, document, message):
+    path = tmp_path / "map.json"
+    path.write_text(document)
+    with pytest.raises(WeightMapError) as info:
+        WeightMap.load(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_a_map_that_cannot_be_written_is_a_clear_error(tmp_path):
+    with pytest.raises(WeightMapError) as info:
+        FUSED.save(tmp_path / "missing" / "map.json")
+    assert (
+        str(info.value)
+        == f"cannot write weight map {tmp_path / 'missing' / 'map.json'}: No such file or directory"
+    )
+
+
 def test_missing_map_file():
     with pytest.raises(WeightMapError, match="cannot read weight map /nonexistent/map.json"):
         WeightMap.load("/nonexistent/map.json")

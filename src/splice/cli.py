@@ -42,13 +42,24 @@ def _cmd_consolidate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type for counts such as ``--repeat`` (0 repeats have no median)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splice", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="build a small Llama locally, load it fused, check, time and save it")
     p.add_argument("--workdir", default=None, help="where to put the checkpoints (default: a temp dir)")
-    p.add_argument("--repeat", type=int, default=3, help="timing repeats (median is reported)")
+    p.add_argument("--repeat", type=_positive_int, default=3, help="timing repeats (median is reported)")
     p.add_argument("--tokens", type=int, default=32, help="tokens to decode when timing")
     p.set_defaults(func=_cmd_demo)
 

@@ -272,6 +272,8 @@ def _read_record(reader: CheckpointReader) -> _Recorded | None:
         index_metadata = layout["index_metadata"]
         if not (source_metadata is None or isinstance(source_metadata, dict)):
             raise TypeError(f"{SOURCE_METADATA_KEY} is a {type(source_metadata).__name__}")
+        if not (index_metadata is None or isinstance(index_metadata, dict)):
+            raise TypeError(f"its index_metadata is a {type(index_metadata).__name__}")
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(
             f"{reader.path}: {SOURCE_LAYOUT_KEY} / {SOURCE_METADATA_KEY} in its metadata are not what "

@@ -22,6 +22,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from splice.errors import CheckpointError
+
 FUSION = {"qkv": True, "gate_up": True}
 
 
@@ -57,7 +59,11 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="splice-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = "it exists and is not a directory" if isinstance(exc, FileExistsError) else exc.strerror
+        raise CheckpointError(f"--workdir {workdir}: cannot use it as a directory: {reason}") from None
     source, saved = workdir / "llama-demo", workdir / "saved-original-layout"
     torch.manual_seed(0)
     prompt = torch.randint(3, 8192, (1, 16))

@@ -41,7 +41,13 @@ def inspect_model(path: str | Path, fusion: Any = None) -> dict[str, FusionRepor
     from splice.hf import _load_config, _model_class, build_on_meta
 
     path = Path(path)
-    config = _load_config(transformers.AutoModel, path, None, {})
+    _read_config_json(path)
+    try:
+        config = _load_config(transformers.AutoModel, path, None, {})
+    except LoadError:
+        raise
+    except Exception as exc:  # transformers' reasons come as OSError, ValueError, KeyError, its own types
+        raise LoadError(f"{path / 'config.json'}: {_reason(exc)}") from None
     stored = getattr(config, "fusion_config", None)
     if hasattr(config, "fusion_config"):
         delattr(config, "fusion_config")
@@ -59,6 +65,28 @@ def inspect_model(path: str | Path, fusion: Any = None) -> dict[str, FusionRepor
         except FusionError as exc:
             results[family] = str(exc).split(": ", 1)[-1]
     return results
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    """``config.json`` as a dict, or a `LoadError` naming the file (transformers' own message hides the JSON error)."""
+    file = path / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except OSError as exc:
+        raise LoadError(f"{file}: cannot read it: {exc.strerror}") from None
+    except ValueError as exc:
+        raise LoadError(f"{file}: not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise LoadError(f"{file}: must be a JSON object with a model_type, got a {type(config).__name__}")
+    return config
+
+
+def _reason(exc: BaseException) -> str:
+    """The first paragraph of an exception's message on one line; a validator's wrapped error gives its own."""
+    if exc.__cause__ is not None:  # huggingface_hub's StrictDataclassClassValidationError wraps the reason
+        exc = exc.__cause__
+    text = str(exc).strip().split("\n\n")[0] or type(exc).__name__
+    return " ".join(line.strip() for line in text.splitlines())
 
 
 def _architecture(config: Any) -> Any:
@@ -79,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
     if not (path / "config.json").is_file():
         raise LoadError(f"{path}: no config.json (splice inspect reads a Transformers model directory)")
     fusion = parse_fusion(args.fusion)
+    if args.save_map and not Path(args.save_map).parent.is_dir():
+        # checked first, so that a typo does not cost the whole inspection
+        raise LoadError(f"--save-map {args.save_map}: directory {Path(args.save_map).parent} does not exist")
     results = inspect_model(path, fusion)
     table = Table(title=f"splice inspect {path}", show_lines=False)
     for column in ("family", "modules", "where", "runtime parameters"):
@@ -141,7 +172,7 @@ def _checkpoint_keys(model: Any, key: str, meta: Any) -> list[str]:
 def _architecture_of(path: Path) -> Any:
     import transformers
 
-    config = json.loads((path / "config.json").read_text())
+    config = _read_config_json(path)
     for name in config.get("architectures") or []:
         if hasattr(transformers, name):
             return getattr(transformers, name)

@@ -215,20 +215,30 @@ class Rule:
         }
 
     @classmethod
-    def from_json(cls, data: Any) -> Rule:
+    def from_json(cls, data: Any, where: str | None = None) -> Rule:
+        """A rule from its text or :meth:`to_dict` form; ``where`` (e.g. ``"rule 2"``) names it in errors."""
         if isinstance(data, str):
             return cls.parse(data)
+        prefix = f"{where}: " if where else ""
         if not isinstance(data, dict) or not {"sources", "targets"} <= set(data):
-            raise WeightMapError(f"a rule is a string or a dict with 'sources' and 'targets', got {data!r}")
+            raise WeightMapError(
+                f"{prefix}a rule is a string or a dict with 'sources' and 'targets', got {data!r}"
+            )
+        label = where or f"rule {data['sources']!r} -> {data['targets']!r}"
         unknown = set(data) - {"sources", "targets", "ops"}
         if unknown:
-            raise WeightMapError(f"rule {data!r}: unknown field(s) {sorted(unknown)}")
+            raise WeightMapError(f"{label}: unknown field(s) {sorted(unknown)}")
+        for name in ("sources", "targets"):
+            if not isinstance(data[name], list) or not all(isinstance(p, str) for p in data[name]):
+                raise WeightMapError(f"{label}: field {name} must be a list of strings, got {data[name]!r}")
+        if not isinstance(data.get("ops", []), list):
+            raise WeightMapError(f"{label}: field ops must be a list, got {data['ops']!r}")
         try:
             ops = tuple(op if isinstance(op, Op) else op_from_dict(op) for op in data.get("ops", ()))
         except TransformError as exc:
-            raise WeightMapError(f"rule {data['sources']} -> {data['targets']}: {exc}") from None
-        sources = [e for p in _as_list(data["sources"]) for e in _expand_braces(p)]
-        targets = [e for p in _as_list(data["targets"]) for e in _expand_braces(p)]
+            raise WeightMapError(f"{label}: {exc}") from None
+        sources = [e for p in data["sources"] for e in _expand_braces(p)]
+        targets = [e for p in data["targets"] for e in _expand_braces(p)]
         return cls(tuple(sources), tuple(targets), ops)
 
     def __str__(self) -> str:
@@ -238,10 +248,6 @@ class Rule:
 
 def _pattern(p: Pattern | str) -> Pattern:
     return p if isinstance(p, Pattern) else Pattern(p.strip())
-
-
-def _as_list(value: Any) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
 
 
 def _split_patterns(text: str) -> list[str]:
@@ -357,14 +363,20 @@ class WeightMap:
     @classmethod
     def from_dict(cls, data: Any) -> WeightMap:
         if isinstance(data, list):
-            return cls.of(Rule.from_json(r) for r in data)
+            return cls((_rules_from_json(data),))
         if not isinstance(data, dict) or ("rules" in data) == ("stages" in data):
             raise WeightMapError("a weight map is a list of rules or a dict with 'rules' or 'stages'")
         if data.get("format", FORMAT) != FORMAT or data.get("version", 1) != 1:
             raise WeightMapError(f"not a {FORMAT} version 1 document: format={data.get('format')!r}")
         if "rules" in data:
-            return cls.of(Rule.from_json(r) for r in data["rules"])
-        return cls(tuple(tuple(Rule.from_json(r) for r in s["rules"]) for s in data["stages"]))
+            return cls((_rules_from_json(data["rules"]),))
+        stages = data["stages"]
+        if not isinstance(stages, list):
+            raise WeightMapError(f"field stages must be a list of {{'rules': [...]}} dicts, got {stages!r}")
+        for n, stage in enumerate(stages, 1):
+            if not isinstance(stage, dict) or set(stage) != {"rules"}:
+                raise WeightMapError(f"stage {n}: a stage is a dict with only 'rules', got {stage!r}")
+        return cls(tuple(_rules_from_json(s["rules"], n) for n, s in enumerate(stages, 1)))
 
     @classmethod
     def from_json(cls, text: str) -> WeightMap:
@@ -374,7 +386,10 @@ class WeightMap:
             raise WeightMapError(f"weight map is not valid JSON: {exc}") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        try:
+            Path(path).write_text(self.to_json() + "\n")
+        except OSError as exc:
+            raise WeightMapError(f"cannot write weight map {path}: {exc.strerror or exc}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> WeightMap:
@@ -390,6 +405,15 @@ class WeightMap:
     def __str__(self) -> str:
         blocks = ["\n".join(str(r) for r in stage) for stage in self.stages]
         return "\nthen\n".join(blocks)
+
+
+def _rules_from_json(rules: Any, stage: int | None = None) -> tuple[Rule, ...]:
+    """The rules of one stage. Errors name the stage and the rule, counting from 1."""
+    if not isinstance(rules, list):
+        where = "" if stage is None else f"stage {stage}: "
+        raise WeightMapError(f"{where}field rules must be a list, got {rules!r}")
+    where = "" if stage is None else f"stage {stage}, "
+    return tuple(Rule.from_json(rule, f"{where}rule {n}") for n, rule in enumerate(rules, 1))
 
 
 # --------------------------------------------------------------------------------------------------

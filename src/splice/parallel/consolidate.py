@@ -14,7 +14,6 @@ ConsolidateReport(out_dir=PosixPath('llama-again'), files=['model.safetensors'],
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -30,7 +29,8 @@ from splice.checkpoint import DTYPE_OF_TAG, TAG_OF_DTYPE, CheckpointReader, Chec
 from splice.checkpoint.atomic import refuse_foreign_dir
 from splice.errors import CheckpointError, WeightMapError
 from splice.parallel.layout import Read, local_reads, traceable
-from splice.parallel.shards import FORMAT, METADATA_NAME, RANK_KEY, WORLD_KEY
+from splice.parallel.metadata import read_metadata
+from splice.parallel.shards import METADATA_NAME, RANK_KEY, WORLD_KEY
 from splice.transforms import TensorMeta, bitwise_equal
 from splice.weightmap import Step, WeightMap
 
@@ -218,26 +218,6 @@ def _index(dim: int, start: int, stop: int) -> tuple[slice, ...]:
 
 # --------------------------------------------------------------------------------------------------
 # reading and checking the shards
-
-
-def read_metadata(shards_dir: Path) -> dict[str, Any]:
-    path = Path(shards_dir) / METADATA_NAME
-    if not Path(shards_dir).is_dir():
-        raise CheckpointError(f"{shards_dir}: no such directory")
-    try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{shards_dir}: no {METADATA_NAME}; it is not a directory written by splice.parallel.save_shards"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable: {exc}") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT or document.get("version") != 1:
-        raise CheckpointError(f"{path}: not a {FORMAT} version 1 document")
-    for name in ("world_size", "files", "tensors", "weight_map"):
-        if name not in document:
-            raise CheckpointError(f"{path}: has no {name!r}")
-    return document
 
 
 def _tensors(document: dict[str, Any], shards_dir: Path) -> dict[str, _Tensor]:

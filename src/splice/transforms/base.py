@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -194,7 +196,57 @@ def op_from_dict(data: dict[str, Any]) -> Op:
     unknown = sorted(set(fields) - known)
     if unknown:
         raise TransformError(f"op {name!r} has no field(s) {unknown}; its fields are {sorted(known)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in fields.items():
+        ok, values[key] = _conform(value, hints[key])
+        if not ok:
+            raise TransformError(f"op {name}: field {key} must be {_describe(hints[key])}, got {value!r}")
+    return cls(**values)
+
+
+def _conform(value: Any, hint: Any) -> tuple[bool, Any]:
+    """``(True, value as the field holds it)`` when a JSON or literal value fits an op field's annotation.
+
+    One check driven by the annotations, so a new op gets its fields checked without code of its own.
+    ``bool`` is not accepted as an ``int`` (``concat(dim=True)`` is a mistake, not ``dim=1``).
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            ok, converted = (value is None, None) if option is type(None) else _conform(value, option)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        items = [_conform(item, args[0]) for item in value] if args[1:] == (Ellipsis,) else None
+        if items is None:  # a fixed-length tuple
+            if len(value) != len(args):
+                return False, value
+            items = [_conform(item, option) for item, option in zip(value, args)]
+        return all(ok for ok, _ in items), tuple(converted for _, converted in items)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), value
+    if hint in (str, bool):
+        return isinstance(value, hint), value
+    return True, value
+
+
+def _describe(hint: Any) -> str:
+    """``int`` -> ``an int``, ``tuple[int, ...] | None`` -> ``a list of ints``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in args if option is not type(None))
+    if origin is tuple:
+        if args[1:] == (Ellipsis,):
+            return f"a list of {getattr(args[0], '__name__', args[0])}s"
+        return f"a list of {len(args)} values"
+    name = getattr(hint, "__name__", str(hint))
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def parse_op(text: str) -> Op:
