@@ -51,7 +51,7 @@ def unchanged(model, before, modules):
         ({"qkv": "yes"}, r"'qkv': options must be True or a dict, got 'yes'"),
         ({"qkv": {"names": "q_proj"}}, r"'qkv': option names must be a list of strings, got 'q_proj'"),
         ({"qkv": {"modules": 3}}, r"'qkv': option modules must be a string, got 3"),
-        ({"qkv_split": {"name": "qkv", "sizes": [8, "8", 8]}}, r"option sizes must be a list of integers"),
+        ({"qkv_split": {"name": "qkv", "sizes": [8, "8", 8]}}, r"option sizes must be a list of ints"),
         ({"qkv_split": {"names": ["a", "b", "c"]}}, r"option names needs option name"),
         ([], "enables no family"),
         (42, "a fusion config is a list of family names or a dict, got int"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from splice.errors import FusionError
+from splice.transforms.base import conform, describe_type
 from splice.weightmap import Rule
 
 
@@ -82,7 +82,9 @@ class ModuleFusionSpec:
                 raise FusionError(f"{family!r}: unknown option {key!r}{hint}; options are {sorted(fields)}")
         declared = _declared_types(self.options_class)
         for key, item in value.items():
-            _check_type(family, key, item, declared.get(key))
+            hint = declared.get(key)
+            if item is not None and hint is not None and not conform(item, hint)[0]:
+                raise FusionError(f"{family!r}: option {key} must be {describe_type(hint)}, got {item!r}")
         options = self.options_class(**{k: _tuple_lists(v) for k, v in value.items()})
         if options.modules is not None:
             try:
@@ -112,31 +114,11 @@ def _tuple_lists(value: Any) -> Any:
     return value
 
 
-_KINDS = {str: "string", int: "integer"}
-
-
 def _declared_types(options_class: type[FusionOptions]) -> dict[str, Any]:
     try:
         return typing.get_type_hints(options_class)
     except (NameError, TypeError):  # a user's annotation that cannot be resolved: no type checks
         return {}
-
-
-def _check_type(family: str, name: str, value: Any, declared: Any) -> None:
-    """Refuse a value that does not fit an option declared as ``str``, ``tuple[int, ...]``, ... (or None)."""
-    if value is None:
-        return
-    if typing.get_origin(declared) in (typing.Union, types.UnionType):
-        kinds = [t for t in typing.get_args(declared) if t is not type(None)]
-        declared = kinds[0] if len(kinds) == 1 else None
-    if typing.get_origin(declared) is tuple:
-        kind = typing.get_args(declared)[0]
-        if kind in _KINDS and not (
-            isinstance(value, (list, tuple)) and all(isinstance(v, kind) for v in value)
-        ):
-            raise FusionError(f"{family!r}: option {name} must be a list of {_KINDS[kind]}s, got {value!r}")
-    elif declared in _KINDS and not isinstance(value, declared):
-        raise FusionError(f"{family!r}: option {name} must be a {_KINDS[declared]}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------

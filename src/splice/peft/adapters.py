@@ -222,9 +222,8 @@ def _original_tensors(
         address, rest = book.owner(_strip(key))
         if rest.startswith("lora_"):
             loras.setdefault(address.runtime, {})[rest] = tensor
-        elif (
-            address.kind == "module"
-        ):  # modules_to_save and other trainable copies: same tensors, original path
+        elif address.kind == "module":
+            # modules_to_save and other trainable copies: same tensors, original path
             out[f"{PREFIX}{address.name}.{rest}"] = tensor
         else:  # get_peft_model and load_adapter refuse configs that train these; something else set them
             raise AdapterError(
@@ -393,8 +392,6 @@ def _read(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def _by_original_name(state: dict[str, torch.Tensor], book: AddressBook):
     """LoRA tensors by original module name, and the other tensors (modules_to_save) under runtime keys."""
-    from splice.peft.layer import describe
-
     loras: dict[str, dict[str, torch.Tensor]] = {}
     others: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
@@ -407,7 +404,7 @@ def _by_original_name(state: dict[str, torch.Tensor], book: AddressBook):
         if address.kind != "module":
             raise AdapterError(
                 f"adapter key {key}: the adapter holds its own {rest!r} for {address.name} (a trained bias, "
-                f"modules_to_save or trainable tokens), but in this model {address.name} is {describe(address.module)} "
+                f"modules_to_save or trainable tokens), but in this model {address.name} is {address.describe()} "
                 "and has no tensors of its own to put it in; load the adapter onto the unfused model"
             )
         # anything else PEFT keeps beside the LoRA (modules_to_save copies, an embedding's base_layer.weight,

@@ -53,11 +53,27 @@ class Address:
         """True for modules the original model does not have."""
         return self.kind in ("fused", "part")
 
+    def describe(self) -> str:
+        """What the module is in the fused or split model, for error messages."""
+        if self.kind in ("fused", "part"):
+            return f"the {'fused' if self.kind == 'fused' else 'split'} Linear {self.runtime}"
+        return describe(self.module)
+
     @property
     def rows(self) -> tuple[int, int]:
         """slice/part: the rows of the whole that this module holds."""
         start = sum(self.sizes[: self.index])
         return start, start + self.sizes[self.index]
+
+
+def describe(module: nn.Module) -> str:
+    """What a stand-in is, for error messages: ``a slice (rows 0:64) of the fused qkv_proj``."""
+    if isinstance(module, LinearSlice):
+        start, stop = module.shared.bounds[module.index]
+        return f"a slice (rows {start}:{stop}) of the fused {module.shared.fused_name}"
+    if isinstance(module, ConcatLinears):
+        return f"the concatenation of the split {', '.join(module.names)}"
+    return type(module).__name__
 
 
 class AddressBook:

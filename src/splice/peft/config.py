@@ -287,12 +287,10 @@ def translate_modules_to_save(
 
 def _refuse_copies_of_stand_ins(entries: list[str], chosen: list[Address], book: AddressBook) -> None:
     """modules_to_save trains a full copy of each module it names: a stand-in or a derived Linear has none."""
-    from splice.peft.layer import describe
-
     for address in chosen:
         if address.kind in ("slice", "concat"):
             raise AdapterError(
-                f"modules_to_save={entries}: {address.name} is {describe(address.module)} in this model, with no "
+                f"modules_to_save={entries}: {address.name} is {address.describe()} in this model, with no "
                 "weight of its own to copy and train; target it with LoRA, or train the unfused model"
             )
     for entry in entries:
@@ -345,20 +343,15 @@ def _check_lora(config: Any) -> None:
 
 
 def _refuse_inexact(config: Any, chosen: list[Address], book: AddressBook) -> None:
-    from splice.peft.layer import EXACT_INITS, describe, refuse_inexact
+    from splice.peft.layer import EXACT_INITS, refuse_inexact
 
     # bias="lora_only" trains the bias of each adapted Linear, bias="all" every bias: a bias that splice
     # fused or split cannot be trained for some rows only, nor saved under the original keys
     trained = {"all": book.addresses, "lora_only": chosen}.get(config.bias, [])
     for address in trained:
         if address.kind != "module" and getattr(address.module, "bias", None) is not None:
-            what = (
-                describe(address.module)
-                if address.kind in ("slice", "concat")
-                else f"the {'fused' if address.kind == 'fused' else 'split'} Linear {address.runtime}"
-            )
             raise AdapterError(
-                f"{address.name}: bias={config.bias!r} would train the bias of {what}, whose "
+                f"{address.name}: bias={config.bias!r} would train the bias of {address.describe()}, whose "
                 "rows belong to Linears that splice fused or split; a vanilla adapter keeps each Linear's bias "
                 "apart. Use bias='none' (lora_bias=True gives LoRA its own bias), or train the unfused model"
             )

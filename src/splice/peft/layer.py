@@ -21,7 +21,7 @@ from torch import nn
 
 from splice.fusion.linear import LinearSlice
 from splice.fusion.qkv_split import ConcatLinears
-from splice.peft.addresses import unwrap
+from splice.peft.addresses import describe, unwrap
 from splice.peft.errors import AdapterError
 
 EXACT_INITS = (True, False, "gaussian")  # inits that neither read nor rewrite the base weight
@@ -36,15 +36,6 @@ def active_variants(config: Any) -> list[str]:
         elif field.metadata.get("is_lora_variant") and getattr(config, field.name):
             found.append(field.name)
     return found
-
-
-def describe(module: nn.Module) -> str:
-    if isinstance(module, LinearSlice):
-        start, stop = module.shared.bounds[module.index]
-        return f"a slice (rows {start}:{stop}) of the fused {module.shared.fused_name}"
-    if isinstance(module, ConcatLinears):
-        return f"the concatenation of the split {', '.join(module.names)}"
-    return type(module).__name__
 
 
 def refuse_inexact(config: Any, module: nn.Module, where: str) -> None:

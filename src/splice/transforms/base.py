@@ -199,33 +199,34 @@ def op_from_dict(data: dict[str, Any]) -> Op:
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in fields.items():
-        ok, values[key] = _conform(value, hints[key])
+        ok, values[key] = conform(value, hints[key])
         if not ok:
-            raise TransformError(f"op {name}: field {key} must be {_describe(hints[key])}, got {value!r}")
+            raise TransformError(f"op {name}: field {key} must be {describe_type(hints[key])}, got {value!r}")
     return cls(**values)
 
 
-def _conform(value: Any, hint: Any) -> tuple[bool, Any]:
-    """``(True, value as the field holds it)`` when a JSON or literal value fits an op field's annotation.
+def conform(value: Any, hint: Any) -> tuple[bool, Any]:
+    """``(True, value as the field holds it)`` when a JSON or literal value fits a dataclass field's annotation.
 
-    One check driven by the annotations, so a new op gets its fields checked without code of its own.
+    One check driven by the annotations, so a new op (or a fusion family's options class) gets its
+    fields checked without code of its own; annotations it does not know (``Any``, ``list[str]``) pass.
     ``bool`` is not accepted as an ``int`` (``concat(dim=True)`` is a mistake, not ``dim=1``).
     """
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         for option in args:
-            ok, converted = (value is None, None) if option is type(None) else _conform(value, option)
+            ok, converted = (value is None, None) if option is type(None) else conform(value, option)
             if ok:
                 return True, converted
         return False, value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             return False, value
-        items = [_conform(item, args[0]) for item in value] if args[1:] == (Ellipsis,) else None
+        items = [conform(item, args[0]) for item in value] if args[1:] == (Ellipsis,) else None
         if items is None:  # a fixed-length tuple
             if len(value) != len(args):
                 return False, value
-            items = [_conform(item, option) for item, option in zip(value, args)]
+            items = [conform(item, option) for item, option in zip(value, args)]
         return all(ok for ok, _ in items), tuple(converted for _, converted in items)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
@@ -236,16 +237,19 @@ def _conform(value: Any, hint: Any) -> tuple[bool, Any]:
     return True, value
 
 
-def _describe(hint: Any) -> str:
-    """``int`` -> ``an int``, ``tuple[int, ...] | None`` -> ``a list of ints``."""
+_TYPE_NAMES = {str: "string"}
+
+
+def describe_type(hint: Any) -> str:
+    """``int`` -> ``an int``, ``tuple[str, ...] | None`` -> ``a list of strings``."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(option) for option in args if option is not type(None))
+        return " or ".join(describe_type(option) for option in args if option is not type(None))
     if origin is tuple:
         if args[1:] == (Ellipsis,):
-            return f"a list of {getattr(args[0], '__name__', args[0])}s"
+            return f"a list of {_TYPE_NAMES.get(args[0], getattr(args[0], '__name__', args[0]))}s"
         return f"a list of {len(args)} values"
-    name = getattr(hint, "__name__", str(hint))
+    name = _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
