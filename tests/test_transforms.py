@@ -15,6 +15,8 @@ from splice.transforms import (
     Concat,
     ConvToLinear,
     DedupBlocks,
+    Deinterleave,
+    Interleave,
     LinearToConv,
     Op,
     Pad,
@@ -33,6 +35,7 @@ from splice.transforms import (
     op_from_dict,
     parse_op,
 )
+from splice.transforms.interleave import row_order
 
 settings.register_profile("splice", deadline=None, max_examples=60)
 settings.load_profile("splice")
@@ -306,3 +309,71 @@ def test_resolve_rejects_wrong_explicit_sizes_and_meta_planning_stays_cheap():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"  # shape propagation must not import torch._dynamo (~0.8 s)
+
+
+# --------------------------------------------------------------------------------------------------
+# interleave <-> deinterleave: pre-fused q/k/v layouts (per head, per kv group)
+
+
+@given(st.data(), dtype_st, seed_st)
+def test_interleave_deinterleave(data, dtype, seed):
+    shape = data.draw(shape_st)
+    dim = data.draw(st.integers(-len(shape), len(shape) - 1))
+    groups = data.draw(st.integers(1, 4))
+    sizes = data.draw(st.lists(st.integers(0, 5), min_size=1, max_size=4))
+    parts = []
+    for i, s in enumerate(sizes):
+        part_shape = list(shape)
+        part_shape[dim] = groups * s
+        parts.append(tensor(part_shape, dtype, seed + i))
+    [fused] = check_round_trip(Interleave(dim, groups), parts)
+    assert fused.shape[dim] == groups * sum(sizes)
+    pieces = check_round_trip(Deinterleave(dim, groups, tuple(sizes)), [fused])
+    assert all(bitwise_equal(a, b) for a, b in zip(pieces, parts))
+
+
+def test_deinterleave_reads_falcon_grouped_rows():
+    """Falcon's new decoder architecture: per kv head [q x (heads / kv heads), k, v], head_dim rows each."""
+    heads, kv_heads, head_dim = 4, 2, 3
+    q = torch.arange(heads * head_dim).reshape(heads, head_dim)
+    k, v = (
+        100 + torch.arange(kv_heads * head_dim).reshape(kv_heads, head_dim),
+        200 + torch.arange(6).reshape(2, 3),
+    )
+    # what FalconAttention._split_heads reads: view(kv_heads, heads // kv_heads + 2, head_dim)
+    grouped = torch.cat(
+        [torch.cat([q[2 * g : 2 * g + 2], k[g : g + 1], v[g : g + 1]]) for g in range(kv_heads)]
+    )
+    op = Deinterleave(0, groups=kv_heads, sizes=(2 * head_dim, head_dim, head_dim))
+    out = op.apply([grouped.flatten()])
+    assert [t.tolist() for t in out] == [q.flatten().tolist(), k.flatten().tolist(), v.flatten().tolist()]
+    assert (
+        row_order(kv_heads, op.sizes).tolist()
+        == Interleave(0, kv_heads).apply(list(Split(0, (12, 6, 6)).apply([torch.arange(24)])))[0].tolist()
+    )
+
+
+@pytest.mark.parametrize(
+    "op, inputs, message",
+    [
+        (Deinterleave(0, 2, (1, 1)), [torch.zeros(5)], "input has size 5 along dim 0, not 2 groups of 2"),
+        (
+            Interleave(0, 2),
+            [torch.zeros(3), torch.zeros(2)],
+            r"input sizes \[3, 2\] along dim 0 do not divide into 2",
+        ),
+        (Interleave(0, 2, (1, 1)), [torch.zeros(2), torch.zeros(4)], r"not 2 x \[1, 1\]"),
+        (Interleave(0, 1), [torch.zeros(2, 3), torch.zeros(2, 4)], "must agree on every dim except 0"),
+    ],
+)
+def test_interleave_errors_name_the_op_and_the_shapes(op, inputs, message):
+    with pytest.raises(TransformError, match=message) as info:
+        op.apply(inputs)
+    assert str(info.value).startswith(op.name)
+
+
+def test_interleave_options_are_checked():
+    with pytest.raises(TransformError, match="groups must be a positive int"):
+        Deinterleave(0, 0, (1,))
+    with pytest.raises(TransformError, match="before its sizes are known"):
+        Interleave(0, 2).inverted()

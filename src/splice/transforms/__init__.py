@@ -37,6 +37,7 @@ from splice.transforms.base import (
     resolve_ops,
 )
 from splice.transforms.blocks import DedupBlocks, Pad, PermuteBlocks, Reorder, RepeatBlocks, Unpad
+from splice.transforms.interleave import Deinterleave, Interleave
 from splice.transforms.layout import (
     Concat,
     ConvToLinear,
@@ -62,6 +63,8 @@ __all__ = [
     "Reshape",
     "PermuteBlocks",
     "Reorder",
+    "Interleave",
+    "Deinterleave",
     "RepeatBlocks",
     "DedupBlocks",
     "Pad",
