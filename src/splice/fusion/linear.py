@@ -178,6 +178,29 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+# nn.Linear subclasses that override forward with Linear's own math (by qualified class name); any other
+# subclass that overrides forward (a quantized Linear, say) computes something else and is not fused
+LINEAR_EQUIVALENTS: frozenset[str] = frozenset(
+    {
+        # `input @ self.weight.T + self.bias`: F.linear with the bias added after the GEMM
+        "transformers.models.falcon.modeling_falcon.FalconLinear",
+    }
+)
+
+
+def linear_problem(module: nn.Module | None, name: str) -> str | None:
+    """None when ``module`` computes ``x @ W.T + b`` like ``nn.Linear``, else why not (naming its class)."""
+    if not isinstance(module, nn.Linear):
+        return f"it has no nn.Linear child named {name}"
+    cls = type(module)
+    if cls.forward is nn.Linear.forward or f"{cls.__module__}.{cls.__qualname__}" in LINEAR_EQUIVALENTS:
+        return None
+    return (
+        f"{name} is a {cls.__module__}.{cls.__qualname__}, an nn.Linear subclass with its own forward "
+        "(not known to be nn.Linear's math)"
+    )
+
+
 def base_layer(module: nn.Module) -> nn.Module:
     """The module holding the weight, through LoRA and similar wrappers (which keep it as ``base_layer``)."""
     while not hasattr(module, "weight") and hasattr(module, "base_layer"):
@@ -220,10 +243,15 @@ class SiblingLinearsSpec(ModuleFusionSpec):
     ) -> str | None:
         """None when ``names`` can be fused in ``module``, else the reason."""
         children = [module._modules.get(n) for n in names]
-        if not all(type(c) is nn.Linear for c in children):
+        if not all(isinstance(c, nn.Linear) for c in children):
             return f"it has no nn.Linear children named {', '.join(names)}"
         first = children[0]
         for name, child in zip(names, children):
+            problem = linear_problem(child, name)
+            if problem is not None:
+                return problem
+            if type(child) is not type(first):
+                return f"{name} is a {type(child).__name__} but {names[0]} is a {type(first).__name__}"
             if child.in_features != first.in_features:
                 return f"{name} reads {child.in_features} features but {names[0]} reads {first.in_features}"
             if (child.bias is None) != (first.bias is None):
@@ -251,7 +279,7 @@ class SiblingLinearsSpec(ModuleFusionSpec):
         sizes = tuple(lin.out_features for lin in linears)
         fused_name = self._fused_name(options)
         first = linears[0]
-        fused = nn.Linear(
+        fused = type(first)(  # nn.Linear, or the subclass all of them are (FalconLinear keeps its rounding)
             first.in_features,
             sum(sizes),
             bias=first.bias is not None,

@@ -1,15 +1,21 @@
-"""`qkv_split`: a fused ``qkv`` Linear (SAM, ViT-style, Phi-3's ``qkv_proj``) becomes separate q, k, v.
+"""`qkv_split`: a fused ``qkv`` Linear becomes separate q, k, v Linears.
 
 The inverse of `qkv`, for when separate projections are what you want: LoRA on q and v only, or a
-per-projection quantization. The three Linears are real ``nn.Linear`` children; the fused slot holds
-a :class:`ConcatLinears` that calls them and concatenates, so the model's forward is unchanged.
+per-projection quantization. The new Linears are real ``nn.Linear`` children (of the fused Linear's
+class, e.g. Falcon's ``FalconLinear``); the fused slot holds a :class:`ConcatLinears` that calls them
+and lays their outputs out as the fused Linear did, so the model's forward is unchanged.
 
-Sizes: the ``sizes`` option, else the attention module's head counts (GQA, e.g. Phi-3), else three
-equal parts.
+Pre-fused checkpoints order the rows in one of a few layouts (`splice.transforms.interleave`): q, k and
+v back to back, per head, or per kv-head group, and GPT-2 stores a transposed Conv1D weight. The
+layout is read from the attention module (its class says which layout, its config-derived attributes
+give the sizes) through :data:`PREFUSED`, never guessed. A module the table does not know is refused
+by name; ``qkv``/``qkv_proj`` children outside the table are split as ``[q; k; v]``, sized from the
+``sizes`` option, else the module's head counts (GQA, e.g. Phi-3), else three equal parts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,49 +23,133 @@ import torch
 from torch import nn
 
 from splice.errors import FusionError
-from splice.fusion.linear import base_layer
+from splice.fusion.linear import base_layer, linear_problem
 from splice.fusion.spec import FusionOptions, ModuleFusionSpec
-from splice.transforms import Split
+from splice.transforms import Deinterleave, Interleave, Op, Split, Transpose
 from splice.weightmap import Rule
 
 CANDIDATES: dict[str, tuple[str, str, str]] = {
     "qkv": ("q", "k", "v"),
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
 }
+CONV1D = "transformers.pytorch_utils.Conv1D"  # weight [in, out]: GPT-2's c_attn
+PROJ = ("q_proj", "k_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class QKVLayout:
+    """Where the parts' rows sit in one fused Linear: ``groups`` repeats of blocks of ``sizes`` rows."""
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]  # rows of each part within one group
+    groups: int = 1  # 1: back to back [q; k; v]
+    transposed: bool = False  # a Conv1D weight [in, out]
+
+    @property
+    def part_sizes(self) -> tuple[int, ...]:
+        return tuple(self.groups * s for s in self.sizes)
+
+
+def _falcon(m: nn.Module) -> QKVLayout:
+    d, heads = m.head_dim, m.num_heads
+    if m.new_decoder_architecture:  # per kv head: [q x heads/kv_heads, k, v] (_split_heads)
+        return QKVLayout(PROJ, (heads // m.num_kv_heads * d, d, d), groups=m.num_kv_heads)
+    if m.multi_query:  # [q (all heads); k; v] with one kv head
+        return QKVLayout(PROJ, (heads * d, d, d))
+    return QKVLayout(PROJ, (d, d, d), groups=heads)  # per head [q k v]
+
+
+def _gpt2(m: nn.Module) -> QKVLayout:
+    e = m.embed_dim
+    if m.is_cross_attention:  # q_attn is its own Conv1D; c_attn holds [k; v]
+        return QKVLayout(PROJ[1:], (e, e), transposed=True)
+    return QKVLayout(PROJ, (e, e, e), transposed=True)
+
+
+# Attention classes whose checkpoints ship q/k/v fused, by class name (subclasses inherit the entry):
+# the fused child's name, and how the class lays out its rows (read from attributes set from the config).
+PREFUSED: dict[str, tuple[str, Callable[[nn.Module], QKVLayout]]] = {
+    "FalconAttention": ("query_key_value", _falcon),
+    "GPTNeoXAttention": (  # view(..., heads, 3 * head_size).chunk(3): per head [q k v]
+        "query_key_value",
+        lambda m: QKVLayout(PROJ, (m.head_size,) * 3, groups=m.config.num_attention_heads),
+    ),
+    "BloomAttention": (  # view(..., heads, 3, head_dim): per head [q k v]
+        "query_key_value",
+        lambda m: QKVLayout(PROJ, (m.head_dim,) * 3, groups=m.num_heads),
+    ),
+    "MptAttention": ("Wqkv", lambda m: QKVLayout(PROJ, (m.hidden_size,) * 3)),  # chunk(3)
+    "GPT2Attention": ("c_attn", _gpt2),  # split(embed_dim) of a Conv1D output
+    "CodeGenAttention": (  # reshape(..., mp_num=4, -1) then split into query, VALUE, key per group
+        "qkv_proj",
+        lambda m: QKVLayout(("q_proj", "v_proj", "k_proj"), (m.embed_dim // 4,) * 3, groups=4),
+    ),
+}
+
+
+PREFUSED_NAMES = tuple(dict.fromkeys(name for name, _ in PREFUSED.values() if name not in CANDIDATES))
+
+
+def _prefused(module: nn.Module) -> tuple[str, Callable[[nn.Module], QKVLayout]] | None:
+    for cls in type(module).__mro__:
+        if cls.__name__ in PREFUSED:
+            return PREFUSED[cls.__name__]
+    return None
 
 
 class ConcatLinears(nn.Module):
-    """Stands where the fused qkv Linear was; calls the separate Linears and concatenates their outputs."""
+    """Stands where the fused qkv Linear was; calls the separate Linears and lays out their outputs as it did."""
 
-    def __init__(self, parent: nn.Module, names: tuple[str, ...], in_features: int, out_features: int):
+    def __init__(
+        self,
+        parent: nn.Module,
+        names: tuple[str, ...],
+        in_features: int,
+        out_features: int,
+        *,
+        groups: int = 1,
+        transposed: bool = False,
+    ):
         super().__init__()
         self.__dict__["parent"] = parent  # the Linears are the parent's children (so LoRA can wrap them)
         self.names = tuple(names)
         self.in_features, self.out_features = in_features, out_features
+        self.groups, self.transposed = groups, transposed
+
+    def _join(self, tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+        return Interleave(dim, self.groups).apply(tensors)[0] if self.groups > 1 else torch.cat(tensors, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([getattr(self.parent, n)(x) for n in self.names], dim=-1)
+        return self._join([getattr(self.parent, n)(x) for n in self.names], -1)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The fused weight (a concatenation, computed on access)."""
-        return torch.cat([base_layer(getattr(self.parent, n)).weight for n in self.names])
+        """The fused weight in the fused layout (computed on access)."""
+        weight = self._join([base_layer(getattr(self.parent, n)).weight for n in self.names], 0)
+        return weight.T if self.transposed else weight
 
     @property
     def bias(self) -> torch.Tensor | None:
         biases = [base_layer(getattr(self.parent, n)).bias for n in self.names]
-        return None if biases[0] is None else torch.cat(biases)
+        return None if biases[0] is None else self._join(biases, 0)
+
+    def rows(self, index: int) -> torch.Tensor:
+        """The rows of the fused output that part ``index`` produces, in order."""
+        sizes = [base_layer(getattr(self.parent, n)).out_features for n in self.names]
+        positions = self._join([torch.full((s,), i) for i, s in enumerate(sizes)], 0)
+        return torch.nonzero(positions == index).flatten()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, concatenates {', '.join(self.names)}"
+        layout = f" in {self.groups} groups" if self.groups > 1 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, concatenates {', '.join(self.names)}{layout}"
 
 
 @dataclass(frozen=True)
 class QKVSplitOptions(FusionOptions):
     name: str | None = None
-    """The fused Linear to split (default: ``qkv`` or ``qkv_proj``)."""
+    """The fused Linear to split (default: ``qkv`` or ``qkv_proj``, or the pre-fused name of a known attention)."""
     names: tuple[str, ...] | None = None
-    """Names of the new Linears (default: q/k/v for ``qkv``, q_proj/k_proj/v_proj for ``qkv_proj``)."""
+    """Names of the new Linears (default: q/k/v for ``qkv``, q_proj/k_proj/v_proj otherwise)."""
     sizes: tuple[int, ...] | None = None
     """Output sizes of the parts (default: from the module's head counts, else equal thirds)."""
 
@@ -80,9 +170,24 @@ class QKVSplitSpec(ModuleFusionSpec):
         if options.names is not None and options.name is None:
             raise FusionError(f"{family!r}: option names needs option name (the fused Linear to split)")
 
-    def _target(
-        self, module: nn.Module, options: QKVSplitOptions
-    ) -> tuple[str, tuple[str, ...], tuple[int, ...]] | None:
+    def _target(self, module: nn.Module, options: QKVSplitOptions) -> tuple[str, QKVLayout] | None:
+        prefused = _prefused(module)
+        if prefused is not None and options.name in (None, prefused[0]) and prefused[0] in module._modules:
+            name, read = prefused
+            if options.sizes is not None:
+                raise FusionError(
+                    f"qkv_split: {type(module).__name__}.{name} has a known layout (read from its class and "
+                    f"config); drop option sizes={list(options.sizes)}"
+                )
+            return name, self._known(module, name, read, options)
+        if prefused is None and options.name is None:
+            unknown = [n for n in PREFUSED_NAMES if isinstance(module._modules.get(n), nn.Module)]
+            if unknown:
+                raise FusionError(
+                    f"qkv_split: {type(module).__name__}.{unknown[0]} looks like a fused q/k/v projection, but how "
+                    f"{type(module).__name__} orders its rows is not known to splice (splice.fusion.qkv_split.PREFUSED); "
+                    "if they are [q; k; v] back to back, pass the options name and sizes"
+                )
         spellings = (
             {options.name: options.names or CANDIDATES.get(options.name, ("q", "k", "v"))}
             if options.name
@@ -90,7 +195,7 @@ class QKVSplitSpec(ModuleFusionSpec):
         )
         for name, names in spellings.items():
             linear = module._modules.get(name)
-            if type(linear) is not nn.Linear or any(n in module._modules for n in names):
+            if linear_problem(linear, name) is not None or any(n in module._modules for n in names):
                 continue
             sizes = (
                 options.sizes
@@ -98,34 +203,93 @@ class QKVSplitSpec(ModuleFusionSpec):
                 or _thirds(linear.out_features, len(names))
             )
             if sizes and sum(sizes) == linear.out_features and len(sizes) == len(names):
-                return name, tuple(names), tuple(sizes)
+                return name, QKVLayout(tuple(names), tuple(sizes))
         return None
+
+    def _known(
+        self, module: nn.Module, name: str, read: Callable[[nn.Module], QKVLayout], options: QKVSplitOptions
+    ) -> QKVLayout:
+        fused = module._modules[name]
+        where = f"{type(module).__name__}.{name}"
+        layout = read(module)
+        if options.names is not None:
+            if len(options.names) != len(layout.names):
+                raise FusionError(
+                    f"qkv_split: {where} holds {len(layout.names)} parts ({', '.join(layout.names)}); option "
+                    f"names {list(options.names)} has {len(options.names)}"
+                )
+            layout = QKVLayout(tuple(options.names), layout.sizes, layout.groups, layout.transposed)
+        if layout.transposed:
+            problem = None if _qualname(fused) == CONV1D else f"{name} is a {_qualname(fused)}, not a Conv1D"
+        else:
+            problem = linear_problem(fused, name)
+        out = fused.weight.shape[1] if layout.transposed else fused.weight.shape[0]
+        if problem is None and sum(layout.part_sizes) != out:
+            problem = (
+                f"its layout has {layout.groups} x {list(layout.sizes)} rows but {name} has {out} outputs"
+            )
+        clash = [n for n in layout.names if n in module._modules]
+        if problem is None and clash:
+            problem = f"it already has a child named {clash[0]}"
+        if problem is not None:
+            raise FusionError(f"qkv_split: cannot split {where}: {problem}")
+        return layout
 
     def is_fusable(self, module: nn.Module, options: QKVSplitOptions) -> bool:  # type: ignore[override]
         return self._target(module, options) is not None
 
     def describe_candidates(self, options: QKVSplitOptions) -> str:  # type: ignore[override]
         names = [options.name] if options.name else list(CANDIDATES)
-        return f"nn.Linear children named {' or '.join(names)} whose output splits into {options.sizes or 'q/k/v sizes'}"
+        known = ", ".join(sorted({f"{n} of {cls}" for cls, (n, _) in PREFUSED.items()}))
+        return (
+            f"nn.Linear children named {' or '.join(names)} whose output splits into "
+            f"{options.sizes or 'q/k/v sizes'}, nor a pre-fused attention ({known})"
+        )
 
     def make_fused_module(self, module: nn.Module, options: QKVSplitOptions) -> dict[str, nn.Module]:  # type: ignore[override]
-        name, names, sizes = self._target(module, options)  # type: ignore[misc]
+        name, layout = self._target(module, options)  # type: ignore[misc]
         fused = module._modules[name]
+        in_features = fused.weight.shape[0] if layout.transposed else fused.weight.shape[1]
+        cls = nn.Linear if layout.transposed else type(fused)  # FalconLinear stays FalconLinear
         bias = fused.bias is not None
         parts = {
-            n: nn.Linear(fused.in_features, size, bias=bias, device="meta", dtype=fused.weight.dtype)
-            for n, size in zip(names, sizes)
+            n: cls(in_features, size, bias=bias, device="meta", dtype=fused.weight.dtype)
+            for n, size in zip(layout.names, layout.part_sizes)
         }
-        return {**parts, name: ConcatLinears(module, names, fused.in_features, fused.out_features)}
+        stand_in = ConcatLinears(
+            module,
+            layout.names,
+            in_features,
+            sum(layout.part_sizes),
+            groups=layout.groups,
+            transposed=layout.transposed,
+        )
+        return {**parts, name: stand_in}
 
     def make_transforms(self, module: nn.Module, options: QKVSplitOptions) -> list[Rule]:  # type: ignore[override]
-        name, names, sizes = self._target(module, options)  # type: ignore[misc]
-        params = ["weight"] + (["bias"] if module._modules[name].bias is not None else [])
-        return [Rule((f"{name}.{p}",), tuple(f"{n}.{p}" for n in names), (Split(0, sizes),)) for p in params]
+        name, layout = self._target(module, options)  # type: ignore[misc]
+        split: Op = (
+            Deinterleave(0, layout.groups, layout.sizes) if layout.groups > 1 else Split(0, layout.sizes)
+        )
+        weight_ops = ((Transpose(0, 1),) if layout.transposed else ()) + (split,)
+        rules = [Rule((f"{name}.weight",), tuple(f"{n}.weight" for n in layout.names), weight_ops)]
+        if module._modules[name].bias is not None:
+            rules.append(Rule((f"{name}.bias",), tuple(f"{n}.bias" for n in layout.names), (split,)))
+        return rules
 
     def layout(self, module: nn.Module, options: QKVSplitOptions) -> dict[str, Any]:  # type: ignore[override]
-        name, names, sizes = self._target(module, options)  # type: ignore[misc]
-        return {"fused_name": name, "names": list(names), "sizes": list(sizes)}
+        name, layout = self._target(module, options)  # type: ignore[misc]
+        found = {"fused_name": name, "names": list(layout.names), "sizes": list(layout.part_sizes)}
+        if layout.groups > 1:
+            found["groups"] = layout.groups
+        if layout.transposed:
+            found["transposed"] = True
+        return found
+
+
+def _qualname(module: nn.Module | None) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _sizes_from_heads(module: nn.Module, total: int) -> tuple[int, int, int] | None:

@@ -231,13 +231,21 @@ def discover(
                 f"fusable modules include {near or 'none'}"
             )
         modules = selected
-    found = [(p, m) for p, m in modules if spec.is_fusable(m, options)]
+    found = [(p, m) for p, m in modules if _is_fusable(spec, p, m, options)]
     if not found:
         scope = f" among modules matching {options.modules!r}" if options.modules else ""
         raise FusionError(
             f"{family!r}: found no {spec.describe_candidates(options)}{scope}{_why(spec, modules, options)}"
         )
     return found
+
+
+def _is_fusable(spec: ModuleFusionSpec, path: str, module: nn.Module, options: FusionOptions) -> bool:
+    """``spec.is_fusable``; a refusal it raises names the module's path."""
+    try:
+        return spec.is_fusable(module, options)
+    except FusionError as exc:
+        raise FusionError(f"{exc} (at {path or '<root>'})") from None
 
 
 def _why(spec: ModuleFusionSpec, modules: list[tuple[str, nn.Module]], options: FusionOptions) -> str:
