@@ -189,6 +189,8 @@ def save_adapter(
         metadata = describe_stacks(plan, book, specs, cols)
         original = original_config(config, plan, book)
         original.inference_mode = True
+        if any(getattr(book.named(name).module, "transposed", False) for name in plan):
+            original.fan_in_fan_out = True  # the original Linear there is a Conv1D (GPT-2's c_attn)
         if original.base_model_name_or_path is None:
             original.base_model_name_or_path = book.model.__dict__.get("name_or_path") or None
         auto_mapping = None

@@ -47,6 +47,7 @@ class Address:
     members: tuple[str, ...] = ()  # fused/concat: names of the row blocks, in order
     sizes: tuple[int, ...] = ()  # row sizes of the group's blocks (fused/concat/slice/part)
     index: int = -1  # slice/part: which block
+    groups: int = 1  # concat/part: the whole's rows are its blocks interleaved in this many groups (per head)
 
     @property
     def derived(self) -> bool:
@@ -61,7 +62,7 @@ class Address:
 
     @property
     def rows(self) -> tuple[int, int]:
-        """slice/part: the rows of the whole that this module holds."""
+        """slice/part: the rows of the whole that this module holds (with its blocks back to back, see groups)."""
         start = sum(self.sizes[: self.index])
         return start, start + self.sizes[self.index]
 
@@ -182,9 +183,21 @@ def _groups(module: nn.Module) -> dict[str, dict[str, Any]]:
             slices.setdefault(id(child.shared), []).append((child.index, child_name, child))
         elif isinstance(child, ConcatLinears) and child.__dict__.get("parent") is module:
             sizes = tuple(unwrap(getattr(module, n)).out_features for n in child.names)
-            found[child_name] = {"kind": "concat", "members": tuple(child.names), "sizes": sizes}
+            groups = child.groups
+            found[child_name] = {
+                "kind": "concat",
+                "members": tuple(child.names),
+                "sizes": sizes,
+                "groups": groups,
+            }
             for index, part in enumerate(child.names):
-                found[part] = {"kind": "part", "group": child_name, "sizes": sizes, "index": index}
+                found[part] = {
+                    "kind": "part",
+                    "group": child_name,
+                    "sizes": sizes,
+                    "index": index,
+                    "groups": groups,
+                }
     for group in slices.values():
         group.sort()
         shared = group[0][2].shared

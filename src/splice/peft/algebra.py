@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from splice.peft.errors import AdapterError
+from splice.transforms import Deinterleave, Interleave
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,23 @@ def take_rows(
         A, B = A[lo:hi], B[:, lo:hi]
     bias = None if weights.bias is None else weights.bias[start:stop]
     return LoraWeights(A.clone(), B.clone(), None if bias is None else bias.clone())
+
+
+def interleave_rows(weights: LoraWeights, sizes: Sequence[int], groups: int) -> LoraWeights:
+    """A LoRA of ``[q; k; v]`` (blocks of ``sizes`` rows) as the LoRA of a Linear with those blocks in
+    ``groups`` interleaved groups (per head: ``[q0 k0 v0 | q1 k1 v1 | ...]``): B's rows and the bias move."""
+    return _move_rows(weights, lambda t: Interleave(0, groups).apply(list(t.split(list(sizes))))[0])
+
+
+def deinterleave_rows(weights: LoraWeights, sizes: Sequence[int], groups: int) -> LoraWeights:
+    """The inverse of `interleave_rows`."""
+    per_group = tuple(s // groups for s in sizes)
+    return _move_rows(weights, lambda t: torch.cat(Deinterleave(0, groups, per_group).apply([t])))
+
+
+def _move_rows(weights: LoraWeights, move) -> LoraWeights:
+    bias = None if weights.bias is None else move(weights.bias)
+    return LoraWeights(weights.A, move(weights.B), bias)
 
 
 def join_rows(parts: Sequence[LoraWeights], *, where: str) -> LoraWeights | None:

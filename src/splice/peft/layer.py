@@ -53,7 +53,7 @@ def refuse_inexact(config: Any, module: nn.Module, where: str) -> None:
             f"{where}: init_lora_weights={config.init_lora_weights!r} reads or rewrites the base weight, which "
             f"for {what} lives in another module; use one of {EXACT_INITS}"
         )
-    if config.fan_in_fan_out:
+    if config.fan_in_fan_out and not getattr(module, "transposed", False):  # GPT-2's split c_attn is a Conv1D
         raise AdapterError(
             f"{where}: fan_in_fan_out=True is for Conv1D weights, but this is {what} of nn.Linear weights"
         )
@@ -61,6 +61,11 @@ def refuse_inexact(config: Any, module: nn.Module, where: str) -> None:
 
 class VirtualLinearLora(LoraLinear):
     """PEFT's `lora.Linear` around a `LinearSlice` or `ConcatLinears`, under the original module's name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # the real weights are nn.Linear [out, in] even where the original was a Conv1D (fan_in_fan_out)
+        self.fan_in_fan_out = False
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
         refuse_inexact(config, self.get_base_layer(), kwargs.get("target_name") or type(self).__name__)
@@ -78,10 +83,13 @@ class VirtualLinearLora(LoraLinear):
             return [(fused.weight, fused.bias, slice(start, stop), slice(0, stop - start))]
         rows, offset = [], 0
         parent = base.__dict__["parent"]
-        for name in base.names:
+        for index, name in enumerate(base.names):
             part = unwrap(getattr(parent, name))
             size = part.weight.shape[0]
-            rows.append((part.weight, part.bias, slice(0, size), slice(offset, offset + size)))
+            out = (
+                base.rows(index) if base.groups > 1 else slice(offset, offset + size)
+            )  # interleaved: indices
+            rows.append((part.weight, part.bias, slice(0, size), out))
             offset += size
         return rows
 

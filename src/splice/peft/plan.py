@@ -21,7 +21,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from splice.peft.addresses import AddressBook
-from splice.peft.algebra import LoraSpec, LoraWeights, join_rows, stack, stacked_spec, take_rows
+from splice.peft.algebra import (
+    LoraSpec,
+    LoraWeights,
+    deinterleave_rows,
+    interleave_rows,
+    join_rows,
+    stack,
+    stacked_spec,
+    take_rows,
+)
 from splice.peft.errors import AdapterError
 
 
@@ -39,6 +48,8 @@ class Rows:
     path: str
     rows: tuple[int, int]
     cols: tuple[int, int] | None = None
+    groups: int = 1  # >1: the fused module's rows are its parts' blocks interleaved (rows count as if not)
+    sizes: tuple[int, ...] = ()  # the parts' sizes, when groups > 1
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,7 @@ class Stack:
 
     paths: tuple[str | None, ...]
     sizes: tuple[int, ...]
+    groups: int = 1  # >1: the whole lays the parts' rows out interleaved in this many groups
 
 
 @dataclass(frozen=True)
@@ -108,7 +120,7 @@ def plan_original(
             f"LoRAs on the parts of {whole_name} ({', '.join(book.by_runtime[p].name for p in paths if p)})"
         )
         spec = stacked_spec([specs[p] for p in paths if p is not None], where=where)
-        put(whole_name, spec, Stack(paths, whole.sizes))
+        put(whole_name, spec, Stack(paths, whole.sizes, whole.groups))
     return plan
 
 
@@ -189,16 +201,20 @@ def _restore_parts(
     if whole is None or whole.kind != "concat" or weights.get(whole_name) is None:
         return None
     plan: Plan = {}
+    whole_weights = weights[whole_name]
+    if whole.groups > 1:  # rows are counted with the parts back to back
+        whole_weights = deinterleave_rows(whole_weights, whole.sizes, whole.groups)
     for part in parts:
         address = book.by_name.get(part["part"])
         if address is None or address.group != whole_name or list(address.rows) != list(part["rows"]):
             return None
         try:
-            take_rows(weights[whole_name], tuple(part["rows"]), tuple(part["cols"]), where=whole_name)
+            take_rows(whole_weights, tuple(part["rows"]), tuple(part["cols"]), where=whole_name)
         except AdapterError:
             return None  # trained past block-diagonal: keep the whole LoRA (exact either way)
         spec = LoraSpec(int(part["r"]), part["alpha"], rslora)
-        plan[address.runtime] = (spec, Rows(whole_name, tuple(part["rows"]), tuple(part["cols"])))
+        rows = Rows(whole_name, tuple(part["rows"]), tuple(part["cols"]), whole.groups, whole.sizes)
+        plan[address.runtime] = (spec, rows)
     return plan
 
 
@@ -213,10 +229,16 @@ def materialize(
     if isinstance(source, Same):
         return get(source.path), []
     if isinstance(source, Rows):
-        return take_rows(get(source.path), source.rows, source.cols, where=where), []
+        whole = get(source.path)
+        if source.groups > 1:
+            whole = deinterleave_rows(whole, source.sizes, source.groups)
+        return take_rows(whole, source.rows, source.cols, where=where), []
     if isinstance(source, Stack):
         parts = [None if p is None else get(p) for p in source.paths]
-        return stack(parts, source.sizes, spec)
+        stacked, cols = stack(parts, source.sizes, spec)
+        if source.groups > 1:
+            stacked = interleave_rows(stacked, source.sizes, source.groups)
+        return stacked, cols
     joined = join_rows([get(p) for p in source.paths], where=where)
     if joined is None:
         raise AdapterError(f"{where}: the LoRAs of {', '.join(source.paths)} do not share one A")
