@@ -16,6 +16,8 @@ from splice.transforms import (
     ConvToLinear,
     DedupBlocks,
     Deinterleave,
+    DropZeros,
+    InsertZeros,
     Interleave,
     LinearToConv,
     Op,
@@ -377,3 +379,32 @@ def test_interleave_options_are_checked():
         Deinterleave(0, 0, (1,))
     with pytest.raises(TransformError, match="before its sizes are known"):
         Interleave(0, 2).inverted()
+
+
+# --------------------------------------------------------------------------------------------------
+# insert_zeros <-> drop_zeros: a bias some fused Linears lack
+
+
+@given(st.data(), dtype_st, seed_st)
+def test_insert_drop_zeros(data, dtype, seed):
+    shape = data.draw(shape_st)
+    dim = data.draw(st.integers(0, len(shape) - 1))
+    n = data.draw(st.integers(1, 4))
+    total = n + data.draw(st.integers(0, 3))
+    at = tuple(sorted(data.draw(st.sets(st.integers(0, total - 1), min_size=total - n, max_size=total - n))))
+    sizes = tuple(data.draw(st.lists(st.integers(0, 5), min_size=len(at), max_size=len(at))))
+    inputs = [tensor(shape, dtype, seed + i) for i in range(n)]
+    outputs = check_round_trip(InsertZeros(dim, at, sizes), inputs)
+    assert all(outputs[p].shape[dim] == s and not outputs[p].count_nonzero() for p, s in zip(at, sizes))
+    check_round_trip(DropZeros(dim, at, sizes), outputs)
+
+
+def test_drop_zeros_refuses_a_block_that_is_no_longer_zero():
+    q, k, v = torch.ones(4), torch.zeros(2), torch.ones(4)
+    k[1] = 0.5
+    with pytest.raises(
+        TransformError, match=r"^drop_zeros.*input 1 should be all zeros but 1 of 2 values are not"
+    ):
+        DropZeros(0, (1,), (2,)).apply([q, k, v])
+    with pytest.raises(TransformError, match="at must be increasing positions, one size each"):
+        InsertZeros(0, (2, 1), (1, 1))

@@ -73,13 +73,21 @@ def test_a_later_family_failing_rolls_back_the_earlier_ones():
     unchanged(model, before, modules)
 
 
+class RoundedLinear(nn.Linear):
+    """An nn.Linear subclass whose forward is not nn.Linear's (as a quantized Linear's is not)."""
+
+    def forward(self, x):
+        return super().forward(x).round()
+
+
 def test_near_misses_say_why_a_module_is_not_fusable():
     model = tiny.causal_lm("llama")
-    model.model.layers[0].self_attn.k_proj = nn.Linear(64, 32, bias=True)
-    model.model.layers[1].self_attn.k_proj = nn.Linear(64, 32, bias=True)
+    model.model.layers[0].self_attn.k_proj = RoundedLinear(64, 32)
+    model.model.layers[1].self_attn.k_proj = RoundedLinear(64, 32)
     with pytest.raises(
         FusionError,
-        match=r"e\.g\. model\.layers\.0\.self_attn is not fusable: k_proj has a bias but q_proj does not",
+        match=r"e\.g\. model\.layers\.0\.self_attn is not fusable: k_proj is a test_errors\.RoundedLinear, "
+        r"an nn\.Linear subclass with its own forward",
     ):
         splice.fuse(model, ["qkv"])
 
@@ -124,7 +132,7 @@ def test_fusing_a_family_again_needs_the_same_options():
     # the same options again fuse what has become fusable, and the recorded config still covers it all
     model = tiny.causal_lm("llama")
     attn = model.model.layers[1].self_attn
-    k_proj, attn.k_proj = attn.k_proj, nn.Linear(64, 32, bias=True)  # layer 1 is not fusable yet
+    k_proj, attn.k_proj = attn.k_proj, RoundedLinear(64, 32)  # layer 1 is not fusable yet
     splice.fuse(model, ["qkv"])
     attn.k_proj = k_proj
     assert splice.fuse(model, ["qkv"]).counts == {"qkv": 1}

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from splice.fusion.spec import FusionOptions, ModuleFusionSpec
-from splice.transforms import Concat
+from splice.transforms import Concat, InsertZeros
 from splice.weightmap import Rule
 
 
@@ -254,8 +254,6 @@ class SiblingLinearsSpec(ModuleFusionSpec):
                 return f"{name} is a {type(child).__name__} but {names[0]} is a {type(first).__name__}"
             if child.in_features != first.in_features:
                 return f"{name} reads {child.in_features} features but {names[0]} reads {first.in_features}"
-            if (child.bias is None) != (first.bias is None):
-                return f"{name} {'has no' if child.bias is None else 'has a'} bias but {names[0]} does not"
             if child.weight.dtype != first.weight.dtype or child.weight.device != first.weight.device:
                 return f"{name} is {child.weight.dtype} on {child.weight.device}, {names[0]} is {first.weight.dtype} on {first.weight.device}"
         if self._fused_name(options) in module._modules:
@@ -282,7 +280,7 @@ class SiblingLinearsSpec(ModuleFusionSpec):
         fused = type(first)(  # nn.Linear, or the subclass all of them are (FalconLinear keeps its rounding)
             first.in_features,
             sum(sizes),
-            bias=first.bias is not None,
+            bias=any(lin.bias is not None for lin in linears),  # a Linear without one gets a zero block
             device="meta",
             dtype=first.weight.dtype,
         )
@@ -296,8 +294,14 @@ class SiblingLinearsSpec(ModuleFusionSpec):
         linears = [module._modules[n] for n in names]
         concat = Concat(0, tuple(lin.out_features for lin in linears))
         fused_name = self._fused_name(options)
-        params = ["weight"] + (["bias"] if linears[0].bias is not None else [])
-        return [Rule(tuple(f"{n}.{p}" for n in names), (f"{fused_name}.{p}",), (concat,)) for p in params]
+        rules = [Rule(tuple(f"{n}.weight" for n in names), (f"{fused_name}.weight",), (concat,))]
+        with_bias = [n for n, lin in zip(names, linears) if lin.bias is not None]
+        if with_bias:  # Whisper's k_proj has none: its rows of the fused bias are an exact zero block
+            missing = [i for i, lin in enumerate(linears) if lin.bias is None]
+            zeros = InsertZeros(0, tuple(missing), tuple(linears[i].out_features for i in missing))
+            ops = ((zeros,) if missing else ()) + (concat,)
+            rules.append(Rule(tuple(f"{n}.bias" for n in with_bias), (f"{fused_name}.bias",), ops))
+        return rules
 
     def layout(self, module: nn.Module, options: SiblingLinearsOptions) -> dict[str, Any]:  # type: ignore[override]
         names = self.names_for(module, options)

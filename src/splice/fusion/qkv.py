@@ -20,6 +20,10 @@ class QKVSpec(SiblingLinearsSpec):
         ("q_proj", "k_proj", "v_proj"),
         ("query", "key", "value"),
         ("q", "k", "v"),
+        ("query_proj", "key_proj", "value_proj"),  # prophetnet
+        ("q_lin", "k_lin", "v_lin"),  # xlm, flaubert
+        ("project_q", "project_k", "project_v"),  # cpmant
+        ("Wq", "Wk", "Wv"),  # ctrl
     )
     fused_name: ClassVar[str] = "qkv_proj"
 

@@ -36,7 +36,16 @@ from splice.transforms.base import (
     parse_op,
     resolve_ops,
 )
-from splice.transforms.blocks import DedupBlocks, Pad, PermuteBlocks, Reorder, RepeatBlocks, Unpad
+from splice.transforms.blocks import (
+    DedupBlocks,
+    DropZeros,
+    InsertZeros,
+    Pad,
+    PermuteBlocks,
+    Reorder,
+    RepeatBlocks,
+    Unpad,
+)
 from splice.transforms.interleave import Deinterleave, Interleave
 from splice.transforms.layout import (
     Concat,
@@ -69,6 +78,8 @@ __all__ = [
     "DedupBlocks",
     "Pad",
     "Unpad",
+    "InsertZeros",
+    "DropZeros",
     "AbsorbScale",
     "UnabsorbScale",
     "bitwise_equal",

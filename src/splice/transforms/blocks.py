@@ -235,3 +235,85 @@ class Unpad(Op):
         if self.padded is None:
             raise self._fail("cannot be inverted without the padded size")
         return Pad(self.dim, self.padded, self.size)
+
+
+# --------------------------------------------------------------------------------------------------
+# zero blocks: a bias that some of the fused Linears lack (Whisper's k_proj) is zero in the fused bias
+
+
+@dataclass(frozen=True)
+class InsertZeros(Op):
+    """Insert all-zero tensors among the inputs: at positions ``at`` of the output list, ``sizes`` long along
+    ``dim`` (other dims as the first input's)."""
+
+    name: ClassVar[str] = "insert_zeros"
+    dim: int = 0
+    at: tuple[int, ...] = ()
+    sizes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "at", tuple(self.at))
+        object.__setattr__(self, "sizes", tuple(self.sizes))
+        if (
+            len(self.at) != len(self.sizes)
+            or list(self.at) != sorted(set(self.at))
+            or any(n < 0 for n in (*self.at, *self.sizes))
+        ):
+            raise self._fail("at must be increasing positions, one size each")
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self._expect_count(tensors, None)
+        first = tensors[0]
+        dim = self._dim(self.dim, first.dim())
+        if self.at and self.at[-1] > len(tensors) + len(self.at) - 1:
+            raise self._fail(
+                f"position {self.at[-1]} is past the end of {len(tensors) + len(self.at)} outputs"
+            )
+        out, inputs = [], iter(tensors)
+        for position in range(len(tensors) + len(self.at)):
+            if position in self.at:
+                shape = list(first.shape)
+                shape[dim] = self.sizes[self.at.index(position)]
+                out.append(first.new_zeros(shape))
+            else:
+                out.append(next(inputs))
+        return out
+
+    def inverted(self) -> DropZeros:
+        return DropZeros(self.dim, self.at, self.sizes)
+
+
+@dataclass(frozen=True)
+class DropZeros(Op):
+    """Inverse of :class:`InsertZeros`; refuses when a dropped tensor is not all zeros (it was trained)."""
+
+    name: ClassVar[str] = "drop_zeros"
+    dim: int = 0
+    at: tuple[int, ...] = ()
+    sizes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "at", tuple(self.at))
+        object.__setattr__(self, "sizes", tuple(self.sizes))
+        InsertZeros(self.dim, self.at, self.sizes)  # the same checks
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self._expect_count(tensors, None, at_least=len(self.at) + 1)
+        for position, size in zip(self.at, self.sizes):
+            if position >= len(tensors):
+                raise self._fail(f"expected at least {position + 1} input tensor(s), got {len(tensors)}")
+            block = tensors[position]
+            if block.shape[self._dim(self.dim, block.dim())] != size:
+                raise self._fail(
+                    f"input {position} has shape {list(block.shape)}, not size {size} along dim {self.dim}"
+                )
+            if not block.is_meta and bool((block != 0).any()):
+                nonzero = int((block != 0).sum())
+                raise self._fail(
+                    f"input {position} should be all zeros but {nonzero} of {block.numel()} values are not (was "
+                    "it trained?); the original has no tensor there, so dropping it would lose them"
+                )
+        return [t for i, t in enumerate(tensors) if i not in self.at]
+
+    def inverted(self) -> InsertZeros:
+        return InsertZeros(self.dim, self.at, self.sizes)
