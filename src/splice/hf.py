@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from splice.checkpoint import CheckpointReader, CheckpointWriter
+from splice.converters import translate
 from splice.errors import CheckpointError, LoadError, WeightMapError
 from splice.fusion.surgery import SpliceState, fuse, get_state, original_state_dict, unfuse
 from splice.transforms import Concat, Reshape, Stack, TensorMeta, Transpose
@@ -418,9 +419,15 @@ def checkpoint_renames(
             converted.setdefault((index, new), {}).setdefault(slot, []).append(key)
         elif new != key:
             rules.append(Rule((key,), (new,)))
+    after: list[Rule] = []  # per-target ops of a one-to-many converter (PermuteForRope after a Chunk)
     for (index, target), slots in converted.items():
-        rules.append(_converter_rule(converters[index], target, slots, metas or {}))
-    return WeightMap.of(rules), transforms
+        translated = translate(converters[index], target, slots, metas or {}, model)
+        if translated is None:
+            rules.append(_converter_rule(converters[index], target, slots, metas or {}))
+        else:
+            rules += translated[0]
+            after += translated[1]
+    return WeightMap.of(rules).then(WeightMap.of(after)), transforms
 
 
 def _converter_rule(
@@ -482,7 +489,7 @@ def _converter_rule(
         return Rule(tuple(slots[i][0] for i in range(len(patterns))), (target,), (Concat(operations[0][1]),))
     raise LoadError(
         f"{some}: transformers converts this checkpoint key with {described}; splice translates MergeModulelist(dim=0) "
-        "[+ Concatenate(dim=1)] and Concatenate, not this conversion yet"
+        "[+ Concatenate(dim=1)], Concatenate and the ops in splice.converters, not this conversion yet"
     )
 
 
