@@ -136,3 +136,28 @@ def test_hrm_text_loads_through_its_chunk_converters_and_saves_back(tmp_path):
             torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
         out = splice.save_pretrained(model, tmp_path / f"out{len(fusion)}")
         assert filecmp.cmp(path / "model.safetensors", out / "model.safetensors", shallow=False)
+
+
+def test_kimi_k25_loads_its_vision_wqkv_through_chunk_and_rope_permutation(tmp_path):
+    config = T.AutoConfig.for_model(
+        "kimi_k25",
+        vision_config=dict(
+            num_attention_heads=2, num_hidden_layers=1, hidden_size=32, intermediate_size=48, pos_emb_height=8,
+            pos_emb_width=8,
+        ),
+        text_config=dict(
+            vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, kv_lora_rank=8, q_lora_rank=16,
+            qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=8, n_group=1, topk_group=1, num_experts_per_tok=2,
+            first_k_dense_replace=1, max_position_embeddings=64, head_dim=8,
+        ),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    cls = T.AutoModelForImageTextToText
+    path = tiny.save(cls.from_config(config).eval(), tmp_path / "kimi")
+    plain, model = cls.from_pretrained(path), splice.from_pretrained(cls, path, fusion_config={})
+    expected, loaded = plain.state_dict(), model.state_dict()
+    assert any(k.endswith("layers.0.attn.q_proj.weight") for k in loaded)  # the checkpoint has wqkv
+    assert loaded.keys() == expected.keys() and all(bitwise_equal(loaded[k], expected[k]) for k in expected)
+    out = splice.save_pretrained(model, tmp_path / "out")
+    assert filecmp.cmp(path / "model.safetensors", out / "model.safetensors", shallow=False)
