@@ -122,3 +122,36 @@ def test_whisper_k_proj_without_a_bias_gets_an_exact_zero_block(tmp_path):
         r"input 1 should be all zeros but 1 of 48 values are not",
     ):
         splice.original_state_dict(model)
+
+
+class TaggedLinear(torch.nn.Linear):
+    """A Linear subclass that keeps Linear's forward (and has its own constructor)."""
+
+    def __init__(self, linear, tag):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        self.tag = tag
+        self.load_state_dict(linear.state_dict())
+
+
+@pytest.mark.parametrize("subclass", ["tagged", "falcon"])
+def test_linear_subclasses_with_linears_math_fuse(subclass):
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    model = tiny.causal_lm("llama")
+    for layer in model.model.layers:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            old = getattr(layer.self_attn, name)
+            if subclass == "tagged":
+                new = TaggedLinear(old, name)
+            else:
+                new = FalconLinear(old.in_features, old.out_features, bias=False)
+                new.load_state_dict(old.state_dict())
+            setattr(layer.self_attn, name, new)
+    reference = copy.deepcopy(model)
+    assert splice.fuse(model, ["qkv"]).counts == {"qkv": 2}
+    fused = model.model.layers[0].self_attn.qkv_proj
+    assert type(fused) is (torch.nn.Linear if subclass == "tagged" else FalconLinear)
+    ids = tiny.token_ids()
+    torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=0, atol=1e-5)
+    splice.unfuse(model)
+    assert type(model.model.layers[0].self_attn.q_proj) is type(reference.model.layers[0].self_attn.q_proj)

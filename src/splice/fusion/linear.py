@@ -201,6 +201,13 @@ def linear_problem(module: nn.Module | None, name: str) -> str | None:
     )
 
 
+def linear_class(module: nn.Linear) -> type[nn.Linear]:
+    """The class a fused or split replacement of ``module`` gets: its own when it overrides forward with
+    Linear's math in its own way (FalconLinear's rounding), else nn.Linear (whose math it uses)."""
+    cls = type(module)
+    return nn.Linear if cls.forward is nn.Linear.forward else cls
+
+
 def base_layer(module: nn.Module) -> nn.Module:
     """The module holding the weight, through LoRA and similar wrappers (which keep it as ``base_layer``)."""
     while not hasattr(module, "weight") and hasattr(module, "base_layer"):
@@ -250,7 +257,7 @@ class SiblingLinearsSpec(ModuleFusionSpec):
             problem = linear_problem(child, name)
             if problem is not None:
                 return problem
-            if type(child) is not type(first):
+            if linear_class(child) is not linear_class(first):
                 return f"{name} is a {type(child).__name__} but {names[0]} is a {type(first).__name__}"
             if child.in_features != first.in_features:
                 return f"{name} reads {child.in_features} features but {names[0]} reads {first.in_features}"
@@ -277,7 +284,7 @@ class SiblingLinearsSpec(ModuleFusionSpec):
         sizes = tuple(lin.out_features for lin in linears)
         fused_name = self._fused_name(options)
         first = linears[0]
-        fused = type(first)(  # nn.Linear, or the subclass all of them are (FalconLinear keeps its rounding)
+        fused = linear_class(first)(  # FalconLinear stays FalconLinear (its rounding), others nn.Linear
             first.in_features,
             sum(sizes),
             bias=any(lin.bias is not None for lin in linears),  # a Linear without one gets a zero block

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from splice.errors import FusionError
-from splice.fusion.linear import base_layer, linear_problem
+from splice.fusion.linear import base_layer, linear_class, linear_problem
 from splice.fusion.spec import FusionOptions, ModuleFusionSpec
 from splice.transforms import Deinterleave, Interleave, Op, Split, Transpose
 from splice.weightmap import Rule
@@ -250,7 +250,7 @@ class QKVSplitSpec(ModuleFusionSpec):
         name, layout = self._target(module, options)  # type: ignore[misc]
         fused = module._modules[name]
         in_features = fused.weight.shape[0] if layout.transposed else fused.weight.shape[1]
-        cls = nn.Linear if layout.transposed else type(fused)  # FalconLinear stays FalconLinear
+        cls = nn.Linear if layout.transposed else linear_class(fused)  # FalconLinear stays FalconLinear
         bias = fused.bias is not None
         parts = {
             n: cls(in_features, size, bias=bias, device="meta", dtype=fused.weight.dtype)
