@@ -82,6 +82,8 @@ CONFIG.get_text_config = lambda: CONFIG
          "l.0.mlp.text_moe.gate.moe_statics.e_score_correction_bias", (2, 6)),
         ("inkling2_text", r"mlp\.experts\.w13_weight", "l.0.mlp.experts.w13_weight", "l.0.mlp.experts.gate_up_proj", (3, 8, 5)),
         ("ernie4_5_vl_moe", "mlp.gate.weight", "l.0.mlp.gate.weight", "l.0.mlp.text_moe.gate.weight", (6, 4)),
+        ("inkling_mm_model", "mlp.w13_dn.weight", "l.0.mlp.w13_dn.weight", "l.0.mlp.gate_proj.weight", (12, 5)),
+        ("inkling_mm_model", "shared_w13_weight", "l.0.shared_w13_weight", "l.0.gate_proj", (3, 10, 4)),
     ],
 )  # fmt: skip
 def test_one_key_converters_match_transformers(model_type, source, key, target, shape):
