@@ -43,6 +43,35 @@ CONFIGS = {
     "codegen": lambda: T.CodeGenForCausalLM(
         T.CodeGenConfig(**SMALL, n_embd=64, n_layer=2, n_head=8, rotary_dim=4, n_positions=64)
     ),
+    "persimmon": lambda: T.PersimmonForCausalLM(
+        T.PersimmonConfig(
+            **SMALL,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )  # fmt: skip
+    ),
+    "gpt_neox_japanese": lambda: T.GPTNeoXJapaneseForCausalLM(
+        T.GPTNeoXJapaneseConfig(
+            **SMALL,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_multiple_size=2,
+            max_position_embeddings=64,
+        )  # fmt: skip
+    ),
+    "gpt_bigcode": lambda: T.GPTBigCodeForCausalLM(  # multi-query: [q; k; v] with one kv head
+        T.GPTBigCodeConfig(**SMALL, n_embd=48, n_layer=2, n_head=4, n_positions=64, multi_query=True)
+    ),
+    "gpt_bigcode_mha": lambda: T.GPTBigCodeForCausalLM(  # per head [q k v]
+        T.GPTBigCodeConfig(**SMALL, n_embd=48, n_layer=2, n_head=4, n_positions=64, multi_query=False)
+    ),
+    "openai": lambda: T.OpenAIGPTLMHeadModel(
+        T.OpenAIGPTConfig(vocab_size=128, n_embd=48, n_layer=2, n_head=4, n_positions=64)
+    ),
 }
 
 
@@ -87,6 +116,22 @@ REFERENCE = {
     "codegen": _codegen,
 }
 
+
+def _per_head(a, out, heads, d):
+    per_head = out.view(*out.shape[:-1], heads, 3 * d)
+    return [per_head[..., i * d : (i + 1) * d].flatten(-2) for i in range(3)]
+
+
+REFERENCE |= {
+    "persimmon": lambda a, out: [t.flatten(-2) for t in a._split_heads(out)],
+    "gpt_neox_japanese": lambda a, out: _per_head(a, out, a.num_attention_heads, a.head_size),
+    "gpt_bigcode": lambda a, out: list(out.split((a.embed_dim, a.kv_dim, a.kv_dim), dim=-1)),
+    "gpt_bigcode_mha": lambda a, out: _per_head(a, out, a.num_heads, a.head_dim),
+    "openai": lambda a, out: list(out.split(a.split_size, dim=-1)),
+}
+
 FUSED_NAME = {"falcon": "query_key_value", "gpt_neox": "query_key_value", "bloom": "query_key_value"}
 FUSED_NAME |= {"falcon_mq": "query_key_value", "falcon_gqa": "query_key_value", "mpt": "Wqkv"}
-FUSED_NAME |= {"gpt2": "c_attn", "codegen": "qkv_proj"}
+FUSED_NAME |= {"gpt2": "c_attn", "codegen": "qkv_proj", "persimmon": "query_key_value"}
+FUSED_NAME |= {"gpt_neox_japanese": "query_key_value", "gpt_bigcode": "c_attn", "gpt_bigcode_mha": "c_attn"}
+FUSED_NAME |= {"openai": "c_attn"}

@@ -71,13 +71,32 @@ def test_falcon_gqa_parts_have_the_kv_head_sizes():
     assert type(attn.q_proj).__name__ == "FalconLinear"  # its rounding (bias after the GEMM) is kept
 
 
+class HomegrownAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query_key_value = torch.nn.Linear(16, 48)
+
+
 def test_an_unknown_prefused_layout_is_refused_by_name():
-    model = T.GPTBigCodeForCausalLM(
-        T.GPTBigCodeConfig(vocab_size=128, n_embd=48, n_layer=1, n_head=4, n_positions=32)
-    )
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), HomegrownAttention())
     with pytest.raises(
         FusionError,
-        match=r"GPTBigCodeAttention\.c_attn looks like a fused q/k/v projection.*\(at transformer\.h\.0\.attn\)",
+        match=r"HomegrownAttention\.query_key_value looks like a fused q/k/v projection, but how HomegrownAttention "
+        r"orders its rows is not known.*pass the options name and sizes \(at 1\)",
+    ):
+        splice.fuse(model, ["qkv_split"])
+    report = splice.fuse(model, {"qkv_split": {"name": "query_key_value", "sizes": [16, 16, 16]}})
+    assert report.counts == {"qkv_split": 1}  # the user states the layout: [q; k; v]
+
+
+def test_gpt_bigcode_cross_attention_is_refused():
+    model = T.GPTBigCodeForCausalLM(
+        T.GPTBigCodeConfig(
+            vocab_size=128, n_embd=48, n_layer=1, n_head=4, multi_query=False, add_cross_attention=True
+        )
+    )
+    with pytest.raises(
+        FusionError, match=r"c_attn in cross-attention is not split \(at transformer\.h\.0\.crossattention\)"
     ):
         splice.fuse(model, ["qkv_split"])
 

@@ -66,8 +66,17 @@ def _gpt2(m: nn.Module) -> QKVLayout:
     return QKVLayout(PROJ, (e, e, e), transposed=True)
 
 
-# Attention classes whose checkpoints ship q/k/v fused, by class name (subclasses inherit the entry):
-# the fused child's name, and how the class lays out its rows (read from attributes set from the config).
+def _bigcode(m: nn.Module) -> QKVLayout:
+    if m.is_cross_attention:  # c_attn is [k; v] but read with head_dim splits: not a layout to claim
+        raise FusionError("qkv_split: GPTBigCodeAttention.c_attn in cross-attention is not split")
+    if m.multi_query:  # split((embed_dim, kv_dim, kv_dim))
+        return QKVLayout(PROJ, (m.embed_dim, m.kv_dim, m.kv_dim))
+    return QKVLayout(PROJ, (m.head_dim,) * 3, groups=m.num_heads)  # view(heads, 3 * head_dim)
+
+
+# Attention classes whose checkpoints ship q/k/v fused, by class name or qualified name (subclasses
+# inherit the entry): the fused child's name, and how the class lays out its rows (read from
+# attributes its __init__ sets from the config).
 PREFUSED: dict[str, tuple[str, Callable[[nn.Module], QKVLayout]]] = {
     "FalconAttention": ("query_key_value", _falcon),
     "GPTNeoXAttention": (  # view(..., heads, 3 * head_size).chunk(3): per head [q k v]
@@ -78,8 +87,33 @@ PREFUSED: dict[str, tuple[str, Callable[[nn.Module], QKVLayout]]] = {
         "query_key_value",
         lambda m: QKVLayout(PROJ, (m.head_dim,) * 3, groups=m.num_heads),
     ),
+    "PersimmonAttention": (  # view(..., heads, 3, head_dim)
+        "query_key_value",
+        lambda m: QKVLayout(PROJ, (m.head_dim,) * 3, groups=m.num_heads),
+    ),
+    "GPTNeoXJapaneseAttention": (  # view(..., heads, 3 * head_size), then thirds of each head
+        "query_key_value",
+        lambda m: QKVLayout(PROJ, (m.head_size,) * 3, groups=m.num_attention_heads),
+    ),
     "MptAttention": ("Wqkv", lambda m: QKVLayout(PROJ, (m.hidden_size,) * 3)),  # chunk(3)
+    "DbrxAttention": (  # split([hidden, kv_heads * head_dim, kv_heads * head_dim])
+        "Wqkv",
+        lambda m: QKVLayout(
+            PROJ, (m.hidden_size, m.num_key_value_heads * m.head_dim, m.num_key_value_heads * m.head_dim)
+        ),
+    ),
+    "ModernBertAttention": (  # view(..., 3, heads, head_dim)
+        "Wqkv",
+        lambda m: QKVLayout(PROJ, (m.head_dim * m.config.num_attention_heads,) * 3),
+    ),
+    "GPTBigCodeAttention": ("c_attn", _bigcode),
     "GPT2Attention": ("c_attn", _gpt2),  # split(embed_dim) of a Conv1D output
+    "DecisionTransformerGPT2Attention": ("c_attn", _gpt2),
+    "ImageGPTAttention": ("c_attn", _gpt2),
+    "transformers.models.openai.modeling_openai.Attention": (  # split(split_size) of a Conv1D output
+        "c_attn",
+        lambda m: QKVLayout(PROJ, (m.split_size,) * 3, transposed=True),
+    ),
     "CodeGenAttention": (  # reshape(..., mp_num=4, -1) then split into query, VALUE, key per group
         "qkv_proj",
         lambda m: QKVLayout(("q_proj", "v_proj", "k_proj"), (m.embed_dim // 4,) * 3, groups=4),
@@ -92,8 +126,9 @@ PREFUSED_NAMES = tuple(dict.fromkeys(name for name, _ in PREFUSED.values() if na
 
 def _prefused(module: nn.Module) -> tuple[str, Callable[[nn.Module], QKVLayout]] | None:
     for cls in type(module).__mro__:
-        if cls.__name__ in PREFUSED:
-            return PREFUSED[cls.__name__]
+        for name in (f"{cls.__module__}.{cls.__qualname__}", cls.__name__):
+            if name in PREFUSED:
+                return PREFUSED[name]
     return None
 
 
