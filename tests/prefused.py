@@ -72,6 +72,21 @@ CONFIGS = {
     "openai": lambda: T.OpenAIGPTLMHeadModel(
         T.OpenAIGPTConfig(vocab_size=128, n_embd=48, n_layer=2, n_head=4, n_positions=64)
     ),
+    "modernbert": lambda: T.ModernBertForMaskedLM(
+        T.ModernBertConfig(
+            vocab_size=128,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            cls_token_id=1,
+            sep_token_id=2,
+            global_attn_every_n_layers=1,
+        )  # fmt: skip
+    ),
 }
 
 
@@ -128,10 +143,11 @@ REFERENCE |= {
     "gpt_bigcode": lambda a, out: list(out.split((a.embed_dim, a.kv_dim, a.kv_dim), dim=-1)),
     "gpt_bigcode_mha": lambda a, out: _per_head(a, out, a.num_heads, a.head_dim),
     "openai": lambda a, out: list(out.split(a.split_size, dim=-1)),
+    "modernbert": lambda a, out: list(out.chunk(3, dim=-1)),  # view(..., 3, heads, head_dim)
 }
 
 FUSED_NAME = {"falcon": "query_key_value", "gpt_neox": "query_key_value", "bloom": "query_key_value"}
 FUSED_NAME |= {"falcon_mq": "query_key_value", "falcon_gqa": "query_key_value", "mpt": "Wqkv"}
 FUSED_NAME |= {"gpt2": "c_attn", "codegen": "qkv_proj", "persimmon": "query_key_value"}
 FUSED_NAME |= {"gpt_neox_japanese": "query_key_value", "gpt_bigcode": "c_attn", "gpt_bigcode_mha": "c_attn"}
-FUSED_NAME |= {"openai": "c_attn"}
+FUSED_NAME |= {"openai": "c_attn", "modernbert": "Wqkv"}

@@ -96,12 +96,6 @@ PREFUSED: dict[str, tuple[str, Callable[[nn.Module], QKVLayout]]] = {
         lambda m: QKVLayout(PROJ, (m.head_size,) * 3, groups=m.num_attention_heads),
     ),
     "MptAttention": ("Wqkv", lambda m: QKVLayout(PROJ, (m.hidden_size,) * 3)),  # chunk(3)
-    "DbrxAttention": (  # split([hidden, kv_heads * head_dim, kv_heads * head_dim])
-        "Wqkv",
-        lambda m: QKVLayout(
-            PROJ, (m.hidden_size, m.num_key_value_heads * m.head_dim, m.num_key_value_heads * m.head_dim)
-        ),
-    ),
     "ModernBertAttention": (  # view(..., 3, heads, head_dim)
         "Wqkv",
         lambda m: QKVLayout(PROJ, (m.head_dim * m.config.num_attention_heads,) * 3),
