@@ -65,7 +65,9 @@ def test_lora_on_split_q_and_v_saves_for_the_fused_original(kind, tmp_path):
     vanilla = PeftModel.from_pretrained(build(kind), tmp_path)  # the unmodified model
     torch.testing.assert_close(logits(vanilla), expected, rtol=0, atol=1e-5)
 
+    assert config["fan_in_fan_out"] is (kind in ("gpt2", "openai"))  # what PEFT wants for a Conv1D c_attn
     back = sp.load_adapter(split(kind), tmp_path)  # recorded in the file: LoRAs on q and v again
+    assert back.peft_config["default"].fan_in_fan_out is False  # the split parts are nn.Linear
     before, after = lora_tensors(trained), lora_tensors(back)
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
     as_one = sp.load_adapter(split(kind), tmp_path, fuse_lora=True)  # one LoRA on the stand-in: exact too

@@ -347,6 +347,10 @@ def load_adapter(
     )
     mark_runtime(runtime_config)
     runtime_config.inference_mode = not is_trainable
+    if runtime_config.fan_in_fan_out and not any(
+        type(book.by_runtime[p].module).__name__ == "Conv1D" for p in plan
+    ):  # written for GPT-2's Conv1D c_attn; here its split parts are nn.Linear
+        runtime_config.fan_in_fan_out = False
 
     tensors = dict(others)
     for path, (spec, source) in plan.items():
