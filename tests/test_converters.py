@@ -14,6 +14,7 @@ import pytest
 import tiny
 import torch
 import transformers as T
+from safetensors.torch import load_file
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 import splice
@@ -163,3 +164,74 @@ def test_kimi_k25_loads_its_vision_wqkv_through_chunk_and_rope_permutation(tmp_p
     assert loaded.keys() == expected.keys() and all(bitwise_equal(loaded[k], expected[k]) for k in expected)
     out = splice.save_pretrained(model, tmp_path / "out")
     assert filecmp.cmp(path / "model.safetensors", out / "model.safetensors", shallow=False)
+
+
+def load_and_save_like_transformers(cls, path, tmp_path, *, byte_identical=True):
+    """splice loads ``path`` with {} into what transformers loads, and saves ``path``'s file back byte for byte
+    (or, with ``byte_identical=False``, the tensors transformers' own save writes)."""
+    plain, model = cls.from_pretrained(path), splice.from_pretrained(cls, path, fusion_config={})
+    expected, loaded = plain.state_dict(), model.state_dict()
+    assert loaded.keys() == expected.keys() and all(bitwise_equal(loaded[k], expected[k]) for k in expected)
+    out = splice.save_pretrained(model, tmp_path / "out")
+    if byte_identical:
+        assert filecmp.cmp(path / "model.safetensors", out / "model.safetensors", shallow=False)
+    else:
+        plain.save_pretrained(tmp_path / "plain")
+        ours, theirs = (
+            load_file(out / "model.safetensors"),
+            load_file(tmp_path / "plain" / "model.safetensors"),
+        )
+        assert ours.keys() == theirs.keys() and all(bitwise_equal(ours[k], theirs[k]) for k in theirs)
+    return loaded
+
+
+def test_qianfan_ocr_chunks_its_vision_qkv_and_bias(tmp_path):
+    config = T.AutoConfig.for_model(
+        "qianfan_ocr",
+        vision_config=dict(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, image_size=[28, 28],
+            patch_size=[14, 14],
+        ),
+        text_config=dict(
+            vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+        ),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    cls = T.AutoModelForImageTextToText
+    path = tiny.save(cls.from_config(config).eval(), tmp_path / "qianfan")
+    loaded = load_and_save_like_transformers(cls, path, tmp_path)
+    assert any(k.endswith("attention.k_proj.bias") for k in loaded)  # the checkpoint has attn.qkv.bias
+
+
+def test_qwen3_vl_moe_experts_stored_transposed_load_and_save_back(tmp_path):
+    """Qwen3-VL-MoE checkpoints store experts as [E, in, out]; transformers transposes them (check_dims)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config = T.AutoConfig.for_model(
+        "qwen3_vl_moe",
+        vision_config=dict(
+            hidden_size=32, depth=1, num_heads=2, intermediate_size=48, out_hidden_size=32, deepstack_visual_indexes=[]
+        ),
+        text_config=dict(
+            vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
+            max_position_embeddings=64,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    cls = T.AutoModelForImageTextToText
+    path = tiny.save(cls.from_config(config).eval(), tmp_path / "qwen3vlmoe")
+    with safe_open(path / "model.safetensors", "pt") as f:  # as the released checkpoints store them
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    experts = [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert experts
+    for key in experts:
+        tensors[key] = tensors[key].transpose(1, 2).contiguous()
+    save_file(tensors, path / "model.safetensors", metadata=metadata)
+    # saving goes through transformers' own reverse conversion, whose check_dims sees the model's shape
+    # and so writes [E, out, in]: the tensors transformers writes, not the file's bytes
+    load_and_save_like_transformers(cls, path, tmp_path, byte_identical=False)
