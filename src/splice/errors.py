@@ -38,3 +38,7 @@ class WeightsMismatchError(LoadError, RuntimeError):
 
 class MetaDeviceError(LoadError, RuntimeError):
     """``from_pretrained`` was called under a meta device context; transformers refuses it with a RuntimeError."""
+
+
+class SaveError(SpliceError, ValueError):
+    """A save was refused because what it would write could not be loaded back as the same model."""

@@ -33,6 +33,7 @@ from splice.checkpoint import CheckpointReader, CheckpointWriter
 from splice.errors import CheckpointError, LoadError, WeightMapError, WeightsMismatchError
 from splice.fusion.surgery import SpliceState, fuse, get_state, original_state_dict, unfuse
 from splice.hf_options import LoadCall, loading_info
+from splice.hf_wrappers import model_to_save
 from splice.transforms import Concat, Reshape, Stack, TensorMeta, Transpose
 from splice.weightmap import Plan, Rule, Step, WeightMap
 
@@ -663,6 +664,7 @@ def save_pretrained(
         )
     if kwargs:
         raise LoadError(f"unknown keyword argument(s) for save_pretrained: {sorted(kwargs)}")
+    model = model_to_save(model)
     state = get_state(model)
     if state is not None and not save_original_format:
         state.check_reloadable()  # before writing anything
