@@ -33,7 +33,7 @@ from splice.checkpoint import CheckpointReader, CheckpointWriter
 from splice.errors import CheckpointError, LoadError, WeightMapError, WeightsMismatchError
 from splice.fusion.surgery import SpliceState, fuse, get_state, original_state_dict, unfuse
 from splice.hf_options import LoadCall, loading_info
-from splice.hf_wrappers import model_to_save
+from splice.hf_save_checks import check_runtime_layout_reloads, model_to_save
 from splice.transforms import Concat, Reshape, Stack, TensorMeta, Transpose
 from splice.weightmap import Plan, Rule, Step, WeightMap
 
@@ -668,6 +668,9 @@ def save_pretrained(
     state = get_state(model)
     if state is not None and not save_original_format:
         state.check_reloadable()  # before writing anything
+        check_runtime_layout_reloads(
+            model, state, lambda: build_on_meta(type(model), model.config, None, None)
+        )
     out = Path(save_directory)
     gather = getattr(state, "gather_state_dict", None) if state_dict is None else None
     if gather is None:

@@ -215,12 +215,25 @@ class SiblingLinearsSpec(ModuleFusionSpec):
                 return names
         return None
 
+    def refusal(self, module: nn.Module, options: SiblingLinearsOptions) -> str | None:  # type: ignore[override]
+        """The family claims every module that has children with all the names of one spelling."""
+        if self.names_for(module, options) is not None or self._fused_name(options) in module._modules:
+            return None  # fusable, or already fused (or shipped fused)
+        candidates = (options.names,) if options.names else self.candidate_names
+        for names in candidates:
+            if all(module._modules.get(n) is not None for n in names):
+                return self.why_not(module, names, options)
+        return None
+
     def why_not(
         self, module: nn.Module, names: tuple[str, ...], options: SiblingLinearsOptions
     ) -> str | None:
         """None when ``names`` can be fused in ``module``, else the reason."""
         children = [module._modules.get(n) for n in names]
         if not all(type(c) is nn.Linear for c in children):
+            odd = [(n, c) for n, c in zip(names, children) if c is not None and type(c) is not nn.Linear]
+            if odd and len(odd) < len(names):
+                return f"{odd[0][0]} is a {type(odd[0][1]).__name__}, not an nn.Linear"
             return f"it has no nn.Linear children named {', '.join(names)}"
         first = children[0]
         for name, child in zip(names, children):

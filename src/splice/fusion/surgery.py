@@ -237,7 +237,26 @@ def discover(
         raise FusionError(
             f"{family!r}: found no {spec.describe_candidates(options)}{scope}{_why(spec, modules, options)}"
         )
+    _refuse_partial(family, spec, options, modules, found)
     return found
+
+
+def _refuse_partial(
+    family: str,
+    spec: ModuleFusionSpec,
+    options: FusionOptions,
+    modules: list[tuple[str, nn.Module]],
+    found: list[tuple[str, nn.Module]],
+) -> None:
+    """A family fuses all the modules it claims (among those ``modules=`` selects) or none."""
+    refused = [(p, why) for p, m in modules if (why := spec.refusal(m, options)) is not None]
+    if refused:
+        shown = "; ".join(f"{p or '<root>'}: {why}" for p, why in refused[:3])
+        more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
+        raise FusionError(
+            f"{family!r}: {len(refused)} of the {len(found) + len(refused)} modules it would fuse cannot be fused, "
+            f"so none is: {shown}{more}; make them agree, or pass the option modules=<regex> to fuse only the others"
+        )
 
 
 def _why(spec: ModuleFusionSpec, modules: list[tuple[str, nn.Module]], options: FusionOptions) -> str:

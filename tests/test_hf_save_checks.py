@@ -87,3 +87,31 @@ def test_a_fused_model_inside_another_module_is_refused_naming_it(llama_dir, tmp
         SaveError, match=r"got a Holder that holds a model fused by splice at 'inner'; save that model itself"
     ):
         splice.save_pretrained(holder, tmp_path / "out")
+
+
+def test_a_runtime_layout_save_restricted_by_modules_reloads_the_same_layout(llama_dir, tmp_path):
+    config = {"qkv": {"modules": r"layers\.0\."}, "gate_up": True}
+    model = splice.from_pretrained(T.AutoModelForCausalLM, llama_dir, fusion_config=config)
+    splice.save_pretrained(model, tmp_path / "runtime", save_original_format=False)
+    again = splice.from_pretrained(T.AutoModelForCausalLM, tmp_path / "runtime")
+    assert {k: v.shape for k, v in again.state_dict().items()} == {
+        k: v.shape for k, v in model.state_dict().items()
+    }
+    assert hasattr(again.model.layers[0].self_attn, "qkv_proj") and not hasattr(
+        again.model.layers[1].self_attn, "qkv_proj"
+    )
+    torch.testing.assert_close(logits(again), logits(model), rtol=0, atol=0)
+
+
+def test_a_runtime_layout_save_that_would_not_reload_is_refused_before_writing(llama_dir, tmp_path):
+    model = splice.from_pretrained(T.AutoModelForCausalLM, llama_dir, fusion_config=FUSED)
+    fresh = T.AutoModelForCausalLM.from_pretrained(llama_dir)
+    model.model.layers[1].self_attn = fresh.model.layers[1].self_attn  # an unfused attention put back by hand
+    with pytest.raises(
+        SaveError,
+        match=r"^cannot save the runtime layout: a fresh LlamaForCausalLM fused with the recorded fusion_config "
+        r"\{'qkv': True, 'gate_up': True\} would not have this model's layout \(this model has "
+        r"model.layers.1.self_attn.q_proj.weight, which the reloaded one would not; 4 key\(s\) differ\)",
+    ):
+        splice.save_pretrained(model, tmp_path / "runtime", save_original_format=False)
+    assert not (tmp_path / "runtime").exists()
