@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from splice.errors import FusionError, WeightMapError
+from splice.fusion import tp_plan
 from splice.fusion.spec import FusionOptions, ModuleFusionSpec, registered_families, resolve_config
 from splice.transforms import TensorMeta
 from splice.weightmap import Plan, Rule, Step, WeightMap
@@ -73,6 +74,7 @@ class SpliceState:
     gather_state_dict: Any = (
         None  # set by splice.parallel for a sharded model: (model, original) -> dict | None
     )
+    tp_plans: list[tp_plan.OwnerPlan] = field(default_factory=list)  # the TP plans before fusing
 
     def weight_map(self, kinds: Iterable[str] | None = None) -> WeightMap:
         """Original layout -> runtime layout, one stage per (fuse call, family), in the order applied."""
@@ -168,7 +170,10 @@ def fuse(model: nn.Module, config: Any) -> FusionReport:
     for family, entry in entries.items():
         if state is not None and any(r.family == family for r in state.records):
             _check_same_entry(family, state.config.get(family), entry)
+    fresh = get_state(model) is None
     state = _ensure_state(model)
+    if fresh:
+        state.tp_plans = tp_plan.capture(model)
     state.calls += 1
     records: list[FusionRecord] = []
     try:
@@ -182,6 +187,7 @@ def fuse(model: nn.Module, config: Any) -> FusionReport:
                 records.append(record)
             if entries[family] is not None:
                 state.config[family] = entries[family]
+        tp_plan.sync(model, state.tp_plans, state.records)
     except BaseException:
         # a later family failed: undo this call's earlier families, so a refused request changes nothing
         for record in reversed(records):
@@ -405,6 +411,7 @@ def unfuse(model: nn.Module, *, family: str | None = None) -> int:
     for record in reversed(chosen):
         _restore(model, record)
         state.records.remove(record)
+    tp_plan.sync(model, state.tp_plans, state.records)
     if not state.records:
         del model.__dict__[STATE_ATTR]
     else:
