@@ -96,3 +96,12 @@ def test_the_message_lists_three_and_counts_the_rest():
         FusionError, match=r"^'qkv': 5 of the 6 modules .*model.layers.3.self_attn: k_proj .* and 2 more;"
     ):
         splice.fuse(model, ["qkv"])
+
+
+def test_siblings_reading_another_width_are_not_a_group_the_family_claims():
+    """Cross-attention whose k/v read encoder states of another width is not q/k/v of one input: skipped."""
+    model = tiny.causal_lm("llama")
+    attn = model.model.layers[1].self_attn
+    attn.k_proj, attn.v_proj = nn.Linear(48, 32, bias=False), nn.Linear(48, 32, bias=False)
+    report = splice.fuse(model, ["qkv"])
+    assert [r.path for r in report.records] == ["model.layers.0.self_attn"]

@@ -169,13 +169,17 @@ class SiblingLinearsSpec(ModuleFusionSpec):
         return None
 
     def refusal(self, module: nn.Module, options: SiblingLinearsOptions) -> str | None:  # type: ignore[override]
-        """The family claims every module that has children with all the names of one spelling."""
+        """The family claims every module that has children with all the names of one spelling and one input width."""
         if self.names_for(module, options) is not None or self._fused_name(options) in module._modules:
             return None  # fusable, or already fused (or shipped fused)
         candidates = (options.names,) if options.names else self.candidate_names
         for names in candidates:
-            if all(module._modules.get(n) is not None for n in names):
-                return self.why_not(module, names, options)
+            children = [module._modules.get(n) for n in names]
+            if any(c is None for c in children):
+                continue
+            if all(type(c) is nn.Linear for c in children) and len({c.in_features for c in children}) > 1:
+                return None  # they read different inputs (cross-attention from another width): not a group
+            return self.why_not(module, names, options)
         return None
 
     def why_not(
