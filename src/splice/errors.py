@@ -25,3 +25,20 @@ class FusionError(SpliceError, ValueError):
 
 class LoadError(SpliceError, ValueError):
     """Loading a model found a missing, unexpected or misshapen weight."""
+
+
+class WeightsMismatchError(LoadError, RuntimeError):
+    """The checkpoint's weights do not fit the model: a weight is missing, misshapen, or cannot be converted.
+
+    Also a ``RuntimeError``, as transformers raises for a size mismatch or a failed weight conversion
+    and ``torch.nn.Module.load_state_dict(strict=True)`` for a missing key, so code that catches those
+    catches this.
+    """
+
+
+class MetaDeviceError(LoadError, RuntimeError):
+    """``from_pretrained`` was called under a meta device context; transformers refuses it with a RuntimeError."""
+
+
+class SaveError(SpliceError, ValueError):
+    """A save was refused because what it would write could not be loaded back as the same model."""

@@ -31,8 +31,10 @@ from torch import nn
 
 from splice.checkpoint import CheckpointReader, CheckpointWriter
 from splice.converters import translate
-from splice.errors import CheckpointError, LoadError, WeightMapError
+from splice.errors import CheckpointError, LoadError, WeightMapError, WeightsMismatchError
 from splice.fusion.surgery import SpliceState, fuse, get_state, original_state_dict, unfuse
+from splice.hf_options import LoadCall, loading_info
+from splice.hf_save_checks import check_runtime_layout_reloads, model_to_save
 from splice.transforms import Concat, Reshape, Stack, TensorMeta, Transpose
 from splice.weightmap import Plan, Rule, Step, WeightMap
 
@@ -49,7 +51,6 @@ _UNSUPPORTED = {
     "offload_folder": "disk offloading",
     "use_safetensors": None,  # accepted: splice only reads safetensors
     "low_cpu_mem_usage": None,  # accepted: loading always streams
-    "output_loading_info": "output_loading_info (loading is strict, there is nothing to report)",
 }
 _HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download", "proxies", "subfolder")
 
@@ -60,7 +61,7 @@ _HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_down
 
 def from_pretrained(
     cls: Any,
-    pretrained_model_name_or_path: str | os.PathLike,
+    pretrained_model_name_or_path: str | os.PathLike | None,
     *,
     fusion_config: Any = None,
     config: Any = None,
@@ -79,11 +80,15 @@ def from_pretrained(
     ``cls`` is a model class (``LlamaForCausalLM``) or an Auto class (``AutoModelForCausalLM``); the
     other keywords mean what they mean to ``cls.from_pretrained``. ``fusion_config`` is a fusion
     config as ``splice.fuse`` takes it; when omitted, the one stored in ``config.json`` by a runtime
-    layout save is used, and ``fusion_config={}`` loads unfused.
+    layout save is used, and ``fusion_config={}`` loads unfused. ``state_dict=`` (with ``config=`` and
+    no path) and ``output_loading_info=True`` work as in transformers (see `splice.hf_options`).
     """
     import transformers  # noqa: F401  (fail early with a clear ImportError when the extra is missing)
 
+    call = LoadCall.parse(pretrained_model_name_or_path, config, kwargs)
     if tp_plan is not None or distributed_config is not None:
+        if call.state_dict is not None or call.output_loading_info:
+            raise LoadError("state_dict= and output_loading_info= are not supported with tensor parallelism")
         from splice.parallel.load import (
             from_pretrained_tp,  # a call-time plugin: parallel builds on this module
         )
@@ -96,9 +101,9 @@ def from_pretrained(
     prepared = prepare(
         cls, pretrained_model_name_or_path, fusion_config=fusion_config, config=config, dtype=dtype,
         torch_dtype=torch_dtype, attn_implementation=attn_implementation, device_map=device_map,
-        key_mapping=key_mapping, trust_remote_code=trust_remote_code, **kwargs,
+        key_mapping=key_mapping, trust_remote_code=trust_remote_code, source=call.reader(), **kwargs,
     )  # fmt: skip
-    with CheckpointReader(prepared.path) as reader:
+    with prepared.open() as reader:
         plan = prepared.compile(reader)
         # pread releases the GIL and page-faulting fresh memory is per core: reading fused tensors on
         # a few threads halves the copy on 2 cores; results become parameters in order, here.
@@ -108,21 +113,30 @@ def from_pretrained(
             for step, tensors in zip(plan.steps, loaded):
                 for key, tensor in zip(step.targets, tensors):
                     set_tensor(prepared.model, key, tensor)
-        remember_source(prepared.model, reader)
+        if prepared.source is None:
+            remember_source(prepared.model, reader)
     model = prepared.finish()
     if prepared.device is not None:
         model.to(prepared.device)
-    return model
+    return (model, loading_info(prepared.unexpected)) if call.output_loading_info else model
 
 
 class Prepared:
     """A model built on meta and fused, with everything needed to compile and run its load plan."""
 
-    def __init__(self, model, path, weight_map, target_dtype, dtype_plan, transforms, missing_ok, device):
+    def __init__(
+        self, model, path, weight_map, target_dtype, dtype_plan, transforms, missing_ok, device, source=None
+    ):
         self.model, self.path, self.weight_map = model, Path(path), weight_map
         self.target_dtype, self.dtype_plan, self.transforms = target_dtype, dtype_plan, transforms
         self.missing_ok, self.device = missing_ok, device
+        self.source = source  # a StateDictReader when the weights were given in memory
         self.dtypes: dict[str, torch.dtype] = {}
+        self.unexpected: list[str] = []
+
+    def open(self) -> Any:
+        """The reader of the weights: the checkpoint's files, or the state dict given."""
+        return CheckpointReader(self.path) if self.source is None else self.source
 
     def compile(self, reader: CheckpointReader) -> Plan:
         """The checkpoint -> runtime plan, checked strictly against the model's own tensors."""
@@ -130,23 +144,26 @@ class Prepared:
         try:
             plan = self.weight_map.compile(list(metas), metas)
         except WeightMapError as exc:
-            raise LoadError(f"{self.path}: the checkpoint does not fit the requested layout: {exc}") from None
+            raise WeightsMismatchError(
+                f"{self.path}: the checkpoint does not fit the requested layout: {exc}"
+            ) from None
         expected = {k: TensorMeta.of(t) for k, t in self.model.state_dict(keep_vars=True).items()}
         produced = plan.target_metas
         missing = [k for k in expected if k not in produced and k not in self.missing_ok]
         if missing:
-            raise LoadError(
+            raise WeightsMismatchError(
                 f"{self.path}: the checkpoint has no weight for {len(missing)} model key(s): {_few(missing)}; "
                 "refusing to leave them randomly initialized"
             )
         for key, meta in produced.items():
             if key in expected and meta.shape != expected[key].shape:
                 step = plan.step_for(key)
-                raise LoadError(
+                raise WeightsMismatchError(
                     f"{self.path}: {key} has shape {list(meta.shape)} in the checkpoint (from {', '.join(step.sources)}) "
                     f"but the model expects {list(expected[key].shape)}"
                 )
         unexpected = [k for k in produced if k not in expected and not _ignored_unexpected(self.model, k)]
+        self.unexpected = unexpected
         if unexpected:
             logger.warning(
                 "%s: ignoring %d checkpoint key(s) the model has no place for: %s",
@@ -177,7 +194,7 @@ class Prepared:
         left = sorted(_meta_keys(model))
         if left:
             raise LoadError(f"{self.path}: no value for {_few(left)} after loading (please report this)")
-        _load_generation_config(model, self.path)
+        _load_generation_config(model, self.path if self.source is None else None)
         model.eval()
         return model
 
@@ -194,6 +211,7 @@ def prepare(
     device_map: Any = None,
     key_mapping: dict[str, str] | None = None,
     trust_remote_code: bool = False,
+    source: Any = None,
     **kwargs: Any,
 ) -> Prepared:
     """Resolve files, config and class; build the model on meta; fuse it; build the checkpoint map."""
@@ -208,7 +226,7 @@ def prepare(
     if trust_remote_code:
         raise LoadError("splice.from_pretrained does not run remote code (trust_remote_code=True)")
     hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
-    local = resolve_path(path, hub)
+    local = resolve_path(path, hub) if source is None else source.path
     config = _load_config(cls, local, config, kwargs)
     model_cls = _model_class(cls, config)
     stored = getattr(config, CONFIG_KEY, None)
@@ -216,7 +234,7 @@ def prepare(
         delattr(config, CONFIG_KEY)  # the fusion lives in splice's per-model state, never in the config
     requested = stored if fusion_config is None else fusion_config
 
-    with CheckpointReader(local) as reader:
+    with CheckpointReader(local) if source is None else source as reader:
         keys = reader.keys()
         checkpoint_metas = reader.metas()
         target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, config, reader)
@@ -242,7 +260,9 @@ def prepare(
     missing_ok = set(getattr(model, "all_tied_weights_keys", {}) or {})
     dtype_plan = model._get_dtype_plan(target_dtype) if target_dtype is not None else {}
     device = _device(device_map)
-    return Prepared(model, local, weight_map, target_dtype, dtype_plan, transforms, missing_ok, device)
+    return Prepared(
+        model, local, weight_map, target_dtype, dtype_plan, transforms, missing_ok, device, source
+    )
 
 
 def resolve_path(path: str | os.PathLike, hub: dict[str, Any]) -> Path:
@@ -597,10 +617,14 @@ def _ignored_unexpected(model: nn.Module, key: str) -> bool:
     return any(re.search(p, key) for p in patterns)
 
 
-def _load_generation_config(model: nn.Module, path: Path) -> None:
+def _load_generation_config(model: nn.Module, path: Path | None) -> None:
     if not getattr(model, "can_generate", lambda: False)():
         return
     from transformers import GenerationConfig
+
+    if path is None:  # weights given in memory: as transformers does, from the model's config
+        model.generation_config = GenerationConfig.from_model_config(model.config)
+        return
 
     try:
         model.generation_config = GenerationConfig.from_pretrained(path)
@@ -647,9 +671,13 @@ def save_pretrained(
         )
     if kwargs:
         raise LoadError(f"unknown keyword argument(s) for save_pretrained: {sorted(kwargs)}")
+    model = model_to_save(model)
     state = get_state(model)
     if state is not None and not save_original_format:
         state.check_reloadable()  # before writing anything
+        check_runtime_layout_reloads(
+            model, state, lambda: build_on_meta(type(model), model.config, None, None)
+        )
     out = Path(save_directory)
     gather = getattr(state, "gather_state_dict", None) if state_dict is None else None
     if gather is None:

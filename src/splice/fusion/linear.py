@@ -2,20 +2,20 @@
 
 The fused weight lives in a real ``nn.Linear`` registered on the parent (``qkv_proj``), so kernels,
 tensor-parallel plans and PEFT see an ordinary Linear. Each original slot (``q_proj``, ``k_proj``,
-``v_proj``) holds a :class:`LinearSlice`: a parameterless stand-in that returns its columns of the
-fused output. The first slice called with an input runs the one fused GEMM; its siblings called with
-the *same tensor* read the cached output; once every sibling has read it the cache is dropped.
+``v_proj``) holds a :class:`LinearSlice`: a parameterless stand-in that multiplies by its rows of the
+fused weight, read at call time. ``self.q_proj(x)``, ``self.k_proj(x)`` and ``self.v_proj(x)`` still
+work, so no model's attention or MLP forward has to be copied; code that calls the fused Linear once
+and splits its output (a fused forward, a kernel) gets one GEMM.
 
-This is why no model's attention or MLP forward has to be copied: ``self.q_proj(x)``,
-``self.k_proj(x)`` and ``self.v_proj(x)`` still work, and together cost one GEMM. A slice called with
-a different input (cross-attention, where k/v read the encoder states) just runs the GEMM again:
-always correct, merely not faster.
+The slices share nothing between calls. An earlier version ran the fused GEMM on the first slice's
+call and let its siblings read that output; it returned stale results whenever the input or the
+weights changed between sibling calls in ways no version counter records (an inference tensor
+modified in place, a write through ``.data``), and at batch-1 decoding it bought nothing measurable
+(benchmarks/bench_shared_gemm.py): the three GEMMs read the same weight bytes as the one.
 """
 
 from __future__ import annotations
 
-import copy
-import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,7 +30,7 @@ from splice.weightmap import Rule
 
 
 class SharedGEMM:
-    """The fused output shared by one group of :class:`LinearSlice` modules (one per thread)."""
+    """The fused Linear shared by one group of :class:`LinearSlice` modules, and each slice's rows of it."""
 
     def __init__(self, parent: nn.Module, fused_name: str, sizes: tuple[int, ...]):
         self.parent = (
@@ -40,8 +40,6 @@ class SharedGEMM:
         self.sizes = tuple(sizes)
         starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self.bounds = tuple((s, s + n) for s, n in zip(starts, self.sizes))
-        self._full = (1 << len(self.sizes)) - 1
-        self._local = threading.local()
 
     @property
     def bounds(self) -> tuple[tuple[int, int], ...]:
@@ -51,7 +49,6 @@ class SharedGEMM:
     @bounds.setter
     def bounds(self, bounds: tuple[tuple[int, int], ...]) -> None:
         self._bounds = tuple(tuple(b) for b in bounds)
-        self._split = [b - a for a, b in self._bounds]
         if self._bounds[0][0] != 0 or any(a[1] != b[0] for a, b in zip(self._bounds, self._bounds[1:])):
             raise ValueError(f"fused part bounds must tile the output from 0: {self._bounds}")
 
@@ -60,57 +57,18 @@ class SharedGEMM:
         return self.parent._modules[self.fused_name]
 
     def __call__(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            # In a traced graph a Python-side cache would be guarded on and recompiled every call, and the
-            # compiler does not merge identical GEMMs: each sibling multiplies by its own rows instead.
-            return self._rows(x, index)
-        local = self._local
-        entry = getattr(local, "entry", None)
-        bit = 1 << index
-        if entry is not None and entry[0] is x and not entry[3] & bit and entry[1] == _version(x):
-            pieces, read = entry[2], entry[3] | bit
-        else:
-            pieces, read = self._compute(x), bit
-        local.entry = None if read == self._full else (x, _version(x), pieces, read)
-        return pieces[index]
-
-    def _compute(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        module = self.parent._modules[self.fused_name]
-        if type(module) is nn.Linear and not (
-            module._forward_hooks or module._forward_pre_hooks or _global_hooks()
-        ):
-            output = F.linear(
-                x, module._parameters["weight"], module._parameters["bias"]
-            )  # skip Module.__call__
-        else:  # a wrapper (LoRA, tensor-parallel hooks): let it run
-            output = module(x)
-        return output.split(self._split, dim=-1)  # one op for all the views, not one slice per sibling
-
-    def _rows(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Part ``index`` of the fused Linear's output for ``x``, computed now from the current weights."""
         module = self.parent._modules[self.fused_name]
         start, stop = self._bounds[index]
-        if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+        if (
+            type(module) is not nn.Linear
+            or module._forward_hooks
+            or module._forward_pre_hooks
+            or _global_hooks()
+        ):
             return module(x)[..., start:stop]  # a wrapper (LoRA on the fused Linear, TP hooks) must run
-        weight, bias = module.weight, module.bias
+        weight, bias = module._parameters["weight"], module._parameters["bias"]
         return F.linear(x, weight[start:stop], None if bias is None else bias[start:stop])
-
-    def clear(self) -> None:
-        self._local.entry = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        del state["_local"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> SharedGEMM:
-        new = SharedGEMM.__new__(SharedGEMM)
-        memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-        return new
 
 
 def _global_hooks() -> bool:
@@ -122,13 +80,8 @@ def _global_hooks() -> bool:
     )
 
 
-def _version(x: torch.Tensor) -> int:
-    # inference tensors have no version counter; nothing can modify them in place between sibling calls
-    return -1 if x.is_inference() else x._version
-
-
 class LinearSlice(nn.Module):
-    """Stands where one of the fused Linears was, and returns its columns of the shared fused GEMM."""
+    """Stands where one of the fused Linears was, and returns its rows of the fused Linear's output."""
 
     def __init__(self, shared: SharedGEMM, index: int, in_features: int):
         super().__init__()
@@ -142,7 +95,7 @@ class LinearSlice(nn.Module):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # Module.__call__ costs ~2 us per call in its hook bookkeeping; three slices per attention make it
-        # the dominant overhead at batch 1. Take the short path only when there is no hook to honour.
+        # a visible overhead at batch 1. Take the short path only when there is no hook to honour.
         if (
             len(args) == 1
             and not kwargs
@@ -245,12 +198,29 @@ class SiblingLinearsSpec(ModuleFusionSpec):
                 return names
         return None
 
+    def refusal(self, module: nn.Module, options: SiblingLinearsOptions) -> str | None:  # type: ignore[override]
+        """The family claims every module that has children with all the names of one spelling and one input width."""
+        if self.names_for(module, options) is not None or self._fused_name(options) in module._modules:
+            return None  # fusable, or already fused (or shipped fused)
+        candidates = (options.names,) if options.names else self.candidate_names
+        for names in candidates:
+            children = [module._modules.get(n) for n in names]
+            if any(c is None for c in children):
+                continue
+            if all(isinstance(c, nn.Linear) for c in children) and len({c.in_features for c in children}) > 1:
+                return None  # they read different inputs (cross-attention from another width): not a group
+            return self.why_not(module, names, options)
+        return None
+
     def why_not(
         self, module: nn.Module, names: tuple[str, ...], options: SiblingLinearsOptions
     ) -> str | None:
         """None when ``names`` can be fused in ``module``, else the reason."""
         children = [module._modules.get(n) for n in names]
         if not all(isinstance(c, nn.Linear) for c in children):
+            odd = [(n, c) for n, c in zip(names, children) if c is not None and not isinstance(c, nn.Linear)]
+            if odd and len(odd) < len(names):
+                return f"{odd[0][0]} is a {type(odd[0][1]).__name__}, not an nn.Linear"
             return f"it has no nn.Linear children named {', '.join(names)}"
         first = children[0]
         for name, child in zip(names, children):

@@ -57,6 +57,15 @@ class ModuleFusionSpec:
     def make_transforms(self, module: nn.Module, options: FusionOptions) -> list[Rule]:
         raise NotImplementedError
 
+    def refusal(self, module: nn.Module, options: FusionOptions) -> str | None:
+        """Why ``module``, one this family claims, cannot be fused; None when it can or is not one of them.
+
+        A family fuses every module it claims or none: ``fuse`` refuses when any claimed module has a
+        reason here (unless ``modules=`` leaves it out). The default claims nothing beyond
+        ``is_fusable``, so a family that does not implement this skips modules it cannot fuse.
+        """
+        return None
+
     def describe_candidates(self, options: FusionOptions) -> str:
         """What this family looks for, for the error raised when it finds nothing."""
         return f"modules where {type(self).__name__}.is_fusable() is true"

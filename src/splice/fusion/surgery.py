@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from splice.errors import FusionError, WeightMapError
+from splice.fusion import tp_plan
 from splice.fusion.spec import FusionOptions, ModuleFusionSpec, registered_families, resolve_config
 from splice.transforms import TensorMeta
 from splice.weightmap import Plan, Rule, Step, WeightMap
@@ -73,6 +74,7 @@ class SpliceState:
     gather_state_dict: Any = (
         None  # set by splice.parallel for a sharded model: (model, original) -> dict | None
     )
+    tp_plans: list[tp_plan.OwnerPlan] = field(default_factory=list)  # the TP plans before fusing
 
     def weight_map(self, kinds: Iterable[str] | None = None) -> WeightMap:
         """Original layout -> runtime layout, one stage per (fuse call, family), in the order applied."""
@@ -168,7 +170,10 @@ def fuse(model: nn.Module, config: Any) -> FusionReport:
     for family, entry in entries.items():
         if state is not None and any(r.family == family for r in state.records):
             _check_same_entry(family, state.config.get(family), entry)
+    fresh = get_state(model) is None
     state = _ensure_state(model)
+    if fresh:
+        state.tp_plans = tp_plan.capture(model)
     state.calls += 1
     records: list[FusionRecord] = []
     try:
@@ -182,6 +187,7 @@ def fuse(model: nn.Module, config: Any) -> FusionReport:
                 records.append(record)
             if entries[family] is not None:
                 state.config[family] = entries[family]
+        tp_plan.sync(model, state.tp_plans, state.records)
     except BaseException:
         # a later family failed: undo this call's earlier families, so a refused request changes nothing
         for record in reversed(records):
@@ -237,6 +243,7 @@ def discover(
         raise FusionError(
             f"{family!r}: found no {spec.describe_candidates(options)}{scope}{_why(spec, modules, options)}"
         )
+    _refuse_partial(family, spec, options, modules, found)
     return found
 
 
@@ -246,6 +253,24 @@ def _is_fusable(spec: ModuleFusionSpec, path: str, module: nn.Module, options: F
         return spec.is_fusable(module, options)
     except FusionError as exc:
         raise FusionError(f"{exc} (at {path or '<root>'})") from None
+
+
+def _refuse_partial(
+    family: str,
+    spec: ModuleFusionSpec,
+    options: FusionOptions,
+    modules: list[tuple[str, nn.Module]],
+    found: list[tuple[str, nn.Module]],
+) -> None:
+    """A family fuses all the modules it claims (among those ``modules=`` selects) or none."""
+    refused = [(p, why) for p, m in modules if (why := spec.refusal(m, options)) is not None]
+    if refused:
+        shown = "; ".join(f"{p or '<root>'}: {why}" for p, why in refused[:3])
+        more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
+        raise FusionError(
+            f"{family!r}: {len(refused)} of the {len(found) + len(refused)} modules it would fuse cannot be fused, "
+            f"so none is: {shown}{more}; make them agree, or pass the option modules=<regex> to fuse only the others"
+        )
 
 
 def _why(spec: ModuleFusionSpec, modules: list[tuple[str, nn.Module]], options: FusionOptions) -> str:
@@ -394,6 +419,7 @@ def unfuse(model: nn.Module, *, family: str | None = None) -> int:
     for record in reversed(chosen):
         _restore(model, record)
         state.records.remove(record)
+    tp_plan.sync(model, state.tp_plans, state.records)
     if not state.records:
         del model.__dict__[STATE_ATTR]
     else:

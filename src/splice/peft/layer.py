@@ -123,7 +123,6 @@ class VirtualLinearLora(LoraLinear):
                     if bias_delta is not None:
                         bias.data[own] += bias_delta[out]
             self.merged_adapters.append(adapter)
-            self._weights_changed()
 
     def unmerge(self) -> None:
         while self.merged_adapters:
@@ -136,17 +135,6 @@ class VirtualLinearLora(LoraLinear):
                 weight.data[own] -= delta[out].to(weight.dtype)
                 if bias_delta is not None:
                     bias.data[own] -= bias_delta[out]
-            self._weights_changed()
-
-    def _weights_changed(self) -> None:
-        """Drop the shared GEMM's cached output: it was computed with the weights as they were.
-
-        PEFT unmerges lazily, in each LoRA layer's own forward (under ``disable_adapter()``), so a sibling
-        slice may already have run the shared GEMM with this layer's rows still merged.
-        """
-        base = self.get_base_layer()
-        if isinstance(base, LinearSlice):
-            base.shared.clear()
 
     def _bias_delta(self, adapter: str) -> torch.Tensor | None:
         if not self.lora_bias[adapter]:
