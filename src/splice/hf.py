@@ -735,9 +735,8 @@ def _save_configs(
     floating = [t.dtype for t in tensors.values() if t.dtype.is_floating_point]
     if floating:
         config.dtype = str(floating[0]).removeprefix("torch.")
-    config.architectures = [
-        type(model).__name__.removeprefix("FSDP")
-    ]  # fully_shard subclasses it, as transformers strips
+    # fully_shard makes an FSDP<Name> subclass; transformers strips the prefix too
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]
     if not original and state is not None and state.records:
         setattr(config, CONFIG_KEY, state.config)
     elif hasattr(config, CONFIG_KEY):

@@ -7,18 +7,28 @@ the unfused model (losses, trained weights), its checkpoint (loads, exports) and
 from __future__ import annotations
 
 import copy
+import dataclasses
 import filecmp
+import json
+import os
+import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import fsdp_scenarios
 import pytest
 import tiny
 import torch
+import torch.distributed.checkpoint as dcp
 import transformers
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
 import splice
+from splice import cli
+from splice.parallel.dcp_consolidate import consolidate_dcp
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
@@ -142,3 +152,100 @@ def test_training_matches_one_unfused_process(run):
     assert sorted(trained) == sorted(ref["trained"])
     for key, value in ref["trained"].items():
         torch.testing.assert_close(trained[key], value, atol=1e-5, rtol=0, msg=key)
+
+
+# --------------------------------------------------------------------------------------------------
+# splice consolidate DCP_DIR OUT_DIR --config DIR
+
+
+def consolidate_cli(*args: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "splice.cli", "consolidate", *map(str, args)], capture_output=True, text=True
+    )
+
+
+def left_behind(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if "tmp" in p.name or p.name.startswith("."))
+
+
+def test_consolidate_dcp_is_byte_identical_to_save_pretrained(run):
+    workdir, _, _ = run
+    report = consolidate_dcp(workdir / "dcp", workdir / "consolidated", workdir / "trained-runtime")
+    assert report.files == ["model.safetensors"] and report.tensors == len(tensors(workdir / "trained"))
+    same_files(workdir / "consolidated", workdir / "trained")
+    done = consolidate_cli(
+        workdir / "dcp", workdir / "consolidated-cli", "--config", workdir / "trained-runtime"
+    )
+    assert done.returncode == 0, done.stderr
+    same_files(workdir / "consolidated-cli", workdir / "trained")
+
+
+def test_consolidate_dcp_of_one_process(tmp_path):
+    """Any world size: a DCP checkpoint written without a process group consolidates the same way."""
+    model = tiny.causal_lm("llama", **CONFIG)
+    splice.fuse(model, fsdp_scenarios.FUSION)
+    dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "dcp"))
+    splice.save_pretrained(model, tmp_path / "runtime", save_original_format=False)
+    splice.save_pretrained(model, tmp_path / "saved")
+    consolidate_dcp(tmp_path / "dcp", tmp_path / "out", tmp_path / "runtime")
+    same_files(tmp_path / "out", tmp_path / "saved")
+
+
+def test_consolidate_dcp_errors(run, tmp_path, capsys):
+    workdir, _, _ = run
+    dcp_dir, config = workdir / "dcp", workdir / "trained-runtime"
+
+    def refused(dcp_dir: Path, config: Path | None) -> str:
+        out = tmp_path / "out"
+        args = [str(dcp_dir), str(out)] + ([] if config is None else ["--config", str(config)])
+        assert cli.main(["consolidate", *args]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert not out.exists() and left_behind(tmp_path) == []
+        return captured.err.strip()
+
+    assert refused(dcp_dir, None) == (
+        f"splice consolidate: error: {dcp_dir} is a torch.distributed.checkpoint directory: pass --config DIR, "
+        "a directory whose config.json records the fusion (splice.save_pretrained(model, DIR, save_original_format=False))"
+    )
+    assert refused(dcp_dir, workdir / "source") == (
+        f"splice consolidate: error: {workdir / 'source' / 'config.json'}: records no fusion_config, so which "
+        "tensors were fused is unknown; pass the directory splice.save_pretrained(model, DIR, "
+        "save_original_format=False) wrote"
+    )
+
+    other = tmp_path / "other-config"
+    shutil.copytree(config, other)
+    document = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**document, "intermediate_size": 80}))
+    message = refused(dcp_dir, other)
+    assert message.startswith(
+        f"splice consolidate: error: {dcp_dir} does not match the model of {other}: shapes differ"
+    )
+    assert "model.layers.0.mlp.gate_up_proj.weight: (144, 64) != (160, 64)" in message
+
+    missing = tmp_path / "missing-shard"
+    shutil.copytree(dcp_dir, missing)
+    (missing / "__1_0.distcp").unlink()
+    assert refused(missing, config).startswith(
+        f"splice consolidate: error: {missing}: __1_0.distcp is missing (it holds part of "
+    )
+
+    # hostile metadata: a file name that leaves the directory, and a pickle naming a callable
+    escape = tmp_path / "escape"
+    shutil.copytree(dcp_dir, escape)
+    metadata = FileSystemReader(str(escape)).read_metadata()
+    index = next(iter(metadata.storage_data))
+    metadata.storage_data[index] = dataclasses.replace(
+        metadata.storage_data[index], relative_path="../x.distcp"
+    )
+    (escape / ".metadata").write_bytes(pickle.dumps(metadata))
+    assert refused(escape, config) == (
+        f"splice consolidate: error: {escape / '.metadata'}: {index.fqn} names the file '../x.distcp', "
+        f"which is not a plain name in {escape}"
+    )
+    (escape / ".metadata").write_bytes(pickle.dumps(os.system))
+    assert refused(escape, config) == (
+        f"splice consolidate: error: {escape / '.metadata'}: names posix.system, which DCP metadata never holds; "
+        "refusing to load it"
+    )
