@@ -195,4 +195,42 @@ def fsdp(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tensor
     return out
 
 
-SCENARIOS = {"fsdp": fsdp}
+def two_d(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tensor) -> dict:
+    """FSDP2 over the data-parallel dim of a (dp x tp) mesh whose tp dim is splice's tensor parallelism."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoModelForCausalLM
+
+    import splice
+
+    out: dict[str, Any] = {}
+    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+    model = splice.from_pretrained(
+        AutoModelForCausalLM, source, fusion_config=FUSION, tp_plan="auto", device_mesh=mesh["tp"]
+    )
+    shard(model, mesh=mesh["dp"])
+    # before any forward: FSDP2 leaves the root's parameters unsharded after a forward without backward
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    qkv = model.model.layers[0].self_attn.qkv_proj.weight
+    out["placements"] = [str(p) for p in qkv.placements]
+    with torch.no_grad():
+        out["logits"] = model(ids).logits
+    model.train()
+    dp, dp_rank = mesh["dp"].size(), mesh["dp"].get_local_rank()
+    per_rank = ids.shape[0] // dp
+    mine = ids[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+    losses = []
+    for _ in range(STEPS):
+        loss = model(mine, labels=mine).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(mean / world)  # the tp ranks of one dp rank saw the same loss
+    out["losses"] = torch.stack(losses)
+    splice.save_pretrained(model, workdir / "trained-2d")
+    return out
+
+
+SCENARIOS = {"fsdp": fsdp, "two_d": two_d}

@@ -67,7 +67,13 @@ def run(tmp_path_factory):
     reference["fused"] = {k: v.clone() for k, v in fused.state_dict().items()}
     splice.save_pretrained(fused, workdir / "reference-saved")
 
-    model.train()  # one process, unfused, the whole batch
+    reference.update(train(model))
+    return workdir, ranks, reference
+
+
+def train(model) -> dict:
+    """The single-process, unfused run the ranks must reproduce: the whole batch, the same steps."""
+    model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=fsdp_scenarios.LR)
     losses = []
     for _ in range(fsdp_scenarios.STEPS):
@@ -76,9 +82,7 @@ def run(tmp_path_factory):
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.detach())
-    reference["losses"] = torch.stack(losses)
-    reference["trained"] = {k: v.clone() for k, v in model.state_dict().items()}
-    return workdir, ranks, reference
+    return {"losses": torch.stack(losses), "trained": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
 def test_meta_device_load_through_the_view_is_the_checkpoint(run):
@@ -151,6 +155,26 @@ def test_training_matches_one_unfused_process(run):
     trained = tensors(workdir / "trained")
     assert sorted(trained) == sorted(ref["trained"])
     for key, value in ref["trained"].items():
+        torch.testing.assert_close(trained[key], value, atol=1e-5, rtol=0, msg=key)
+
+
+def test_fsdp2_over_splice_tensor_parallel_on_a_2d_mesh(tmp_path):
+    """World 4 = dp 2 x tp 2: FSDP2 shards splice's TP-sharded fused model along dp."""
+    model = tiny.causal_lm(
+        "llama", attention_bias=True, intermediate_size=72
+    )  # 2 kv heads: tp 2 divides them
+    source = tiny.save(model, tmp_path / "source")
+    ranks = fsdp_scenarios.spawn("two_d", 4, tmp_path, source=str(source), ids=IDS)
+    with torch.no_grad():
+        logits = model(IDS).logits
+    reference = train(model)
+    for out in ranks:
+        assert out["placements"] == ["_S(0, 2)", "S(0)"]  # FSDP2's dp shard within splice's tp shard
+        torch.testing.assert_close(out["logits"], logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out["losses"], reference["losses"], atol=1e-5, rtol=0)
+    trained = tensors(tmp_path / "trained-2d")
+    assert sorted(trained) == sorted(reference["trained"])
+    for key, value in reference["trained"].items():
         torch.testing.assert_close(trained[key], value, atol=1e-5, rtol=0, msg=key)
 
 
