@@ -198,6 +198,7 @@ def fsdp(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tensor
 def two_d(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tensor) -> dict:
     """FSDP2 over the data-parallel dim of a (dp x tp) mesh whose tp dim is splice's tensor parallelism."""
     import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import AutoModelForCausalLM
 
@@ -230,6 +231,14 @@ def two_d(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tenso
         losses.append(mean / world)  # the tp ranks of one dp rank saw the same loss
     out["losses"] = torch.stack(losses)
     splice.save_pretrained(model, workdir / "trained-2d")
+    view = splice.original_state_dict(model)  # TP layout and FSDP2 shard undone, still no gather
+    out["view_local_bytes"] = _local_bytes(view)
+    dcp.save(
+        view,
+        storage_writer=dcp.HuggingFaceStorageWriter(
+            str(workdir / "hf-writer-2d"), save_distributed=True, enable_consolidation=True
+        ),
+    )
     return out
 
 

@@ -176,6 +176,13 @@ def test_fsdp2_over_splice_tensor_parallel_on_a_2d_mesh(tmp_path):
     assert sorted(trained) == sorted(reference["trained"])
     for key, value in reference["trained"].items():
         torch.testing.assert_close(trained[key], value, atol=1e-5, rtol=0, msg=key)
+    # the view undoes splice's TP layout and FSDP2's shard per rank: about a quarter of the bytes each (norms
+    # and o_proj's bias are replicated over tp, and DCP writes each replicated chunk once)
+    checkpoint = sum(v.numel() * v.element_size() for v in trained.values())
+    assert max(out["view_local_bytes"] for out in ranks) <= 0.26 * checkpoint
+    written = tensors(tmp_path / "hf-writer-2d")
+    assert sorted(written) == sorted(trained)
+    assert [k for k, v in trained.items() if not torch.equal(written[k], v)] == []
 
 
 # --------------------------------------------------------------------------------------------------

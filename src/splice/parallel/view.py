@@ -24,10 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from splice.checkpoint import DTYPE_OF_TAG
 from splice.errors import FusionError
 from splice.fusion.surgery import get_state
 from splice.fusion.surgery import original_state_dict as _plain_original_state_dict
-from splice.parallel.layout import local_reads
+from splice.parallel.layout import local_reads, traceable
+from splice.transforms import TensorMeta
 
 __all__ = ["RowPieces", "is_sharded", "original_state_dict"]
 
@@ -46,70 +48,88 @@ def original_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The model's state dict in the layout it had before fusing (the checkpoint's layout).
 
-    On a model whose parameters are DTensors (``fully_shard``), the result holds DTensors in the original
-    layout with only this rank's rows, as views of the fused parameters: ``dcp.save`` / ``dcp.load`` it
-    (with ``HuggingFaceStorageWriter`` / ``HuggingFaceStorageReader`` for the Hugging Face format). No
-    collective runs and nothing is gathered. Otherwise it is :func:`splice.fusion.original_state_dict`.
+    On a model whose parameters are DTensors (``fully_shard``, splice's tensor parallelism, or both), the
+    result holds DTensors in the original layout with only this rank's rows, as views of the fused
+    parameters: ``dcp.save`` / ``dcp.load`` it (with ``HuggingFaceStorageWriter`` /
+    ``HuggingFaceStorageReader`` for the Hugging Face format). No collective runs and nothing is
+    gathered. Otherwise it is :func:`splice.fusion.original_state_dict`.
     """
     runtime = model.state_dict(keep_vars=True) if state_dict is None else state_dict
-    if not is_sharded(runtime) or model.__dict__.get("_splice_parallel") is not None:
-        # unsharded, or loaded tensor-parallel by splice (its own layout; save_pretrained gathers it)
+    if not is_sharded(runtime):
         return _plain_original_state_dict(model, state_dict)
-    return sharded_view(model, runtime)
-
-
-def sharded_view(model: nn.Module, runtime: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Original-layout DTensors over this rank's rows of ``runtime`` (the fused model's DTensor state dict)."""
     runtime = {k: v.detach() for k, v in runtime.items()}
+    parallel = model.__dict__.get("_splice_parallel")
+    if parallel is not None:  # loaded tensor-parallel by splice: checkpoint keys -> TP-global layout
+        metas = {
+            k: TensorMeta(tuple(shape), DTYPE_OF_TAG[tag])
+            for k, (tag, shape) in parallel.source["tensors"].items()
+        }
+        plan = parallel.checkpoint_map.compile(list(metas), metas)
+        out = {k: v for k, v in runtime.items() if k not in plan.target_metas}
+        for step in plan.steps:
+            _view_step(step, "", runtime, out, "tensor-parallel layout")
+        return out
     state = get_state(model)
     if state is None or not state.records:
         return runtime
     out = dict(runtime)
     for record in state.records:
         prefix = f"{record.path}." if record.path else ""
-        where = f"{record.family!r} at {record.path or '<root>'}"
         for step in record.plan.steps:
-            if step.rule is None:
-                continue
-            missing = [prefix + k for k in step.targets if prefix + k not in runtime]
-            if missing:
-                raise FusionError(f"{where}: the state dict has no {missing[0]} (the model's fused tensor)")
-            for key in step.targets:
-                del out[prefix + key]
-            if step.is_rename:
-                out[prefix + step.sources[0]] = runtime[prefix + step.targets[0]]
-                continue
-            pieces: dict[str, list[tuple[torch.Tensor, tuple[int, ...]]]] = {k: [] for k in step.sources}
-            for key in step.targets:
-                tensor = runtime[prefix + key]
-                for source, piece, offsets in _rows(step, key, tensor, where):
-                    pieces[source].append((piece, offsets))
-            like = runtime[prefix + step.targets[0]]
-            for source, meta in zip(step.sources, step.source_metas):
-                out[prefix + source] = _dtensor(pieces[source], meta.shape, like)
+            if step.rule is not None:
+                _view_step(step, prefix, runtime, out, f"{record.family!r} at {record.path or '<root>'}")
     order = {k: i for i, k in enumerate(state.original_keys)}
     return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
+def _view_step(step: Any, prefix: str, runtime: dict[str, Any], out: dict[str, Any], where: str) -> None:
+    """Replace ``step``'s runtime tensors in ``out`` by views of its source tensors (this rank's pieces)."""
+    missing = [prefix + k for k in step.targets if prefix + k not in runtime]
+    if missing:
+        raise FusionError(f"{where}: the state dict has no {missing[0]}")
+    for key in step.targets:
+        out.pop(prefix + key, None)
+    if step.is_rename:
+        out[prefix + step.sources[0]] = runtime[prefix + step.targets[0]]
+        return
+    pieces: dict[str, list[tuple[torch.Tensor, tuple[int, ...]]]] = {k: [] for k in step.sources}
+    for key in step.targets:
+        for source, piece, offsets in _rows(step, key, runtime[prefix + key], where):
+            pieces[source].append((piece, offsets))
+    like = runtime[prefix + step.targets[0]]
+    for source, meta in zip(step.sources, step.source_metas):
+        out[prefix + source] = _dtensor(pieces[source], meta.shape, like)
+
+
 def _rows(step: Any, key: str, tensor: torch.Tensor, where: str) -> list[tuple[str, torch.Tensor, tuple]]:
-    """``(source, view of local rows, offsets into source)`` for every piece of this rank's ``key`` rows."""
+    """``(source, view of local rows, offsets into source)`` for every piece of this rank's part of ``key``.
+
+    The pieces run along the one dim the step's ops move slices of (rows for fused q/k/v, columns for a
+    row-parallel weight padded under TP); every other dim keeps this rank's offsets.
+    """
     from torch.distributed.tensor import DTensor
 
     if not isinstance(tensor, DTensor):
         raise FusionError(f"{where}: {key} is not sharded while other tensors are; shard every fused module")
     (chunk,) = tensor.__create_chunk_list__()
     offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
-    reads = local_reads(step, key, 0, (offsets[0], offsets[0] + sizes[0])) if sizes else None
-    if reads is None:
+    dims = [d for d in range(len(sizes)) if traceable(step, d)]
+    if not dims:
         raise FusionError(
             f"{where}: its tensors are not row ranges of the fused ones, so a sharded original-layout view "
             "cannot alias them; splice.save_pretrained(model, out) still saves the model (it gathers)"
         )
+    dim = dims[0]
+    reads = local_reads(step, key, dim, (offsets[dim], offsets[dim] + sizes[dim]))
     local = tensor.to_local()
     return [
-        (r.source, local.narrow(0, r.at, r.rows), (r.start, *offsets[1:]))
+        (
+            r.source,
+            local.narrow(dim, r.at, r.rows),
+            tuple(r.start if d == dim else o for d, o in enumerate(offsets)),
+        )
         for r in reads
-        if r.source is not None  # padding rows belong to no original tensor
+        if r.source is not None  # padding belongs to no original tensor
     ]
 
 
