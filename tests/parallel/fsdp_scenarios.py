@@ -158,6 +158,11 @@ def fsdp(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tensor
     )
     splice.save_pretrained(model, workdir / "saved")
     splice.save_pretrained(model, workdir / "saved-state-dict", state_dict=model.state_dict())
+    # accelerate / Trainer under FSDP2 with a full state dict: gathered by every rank, saved by rank 0 alone
+    full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    if rank == 0:
+        splice.save_pretrained(model, workdir / "saved-full-state-dict", state_dict=full)
+    dist.barrier()
     out["rank_failed"] = _error(lambda: splice.save_pretrained(model, workdir / "blocker" / "out"))
 
     # surgery on a sharded model is refused, naming the order that works

@@ -125,6 +125,7 @@ def test_save_pretrained_is_collective_and_byte_identical(run):
     workdir, _, _ = run
     same_files(workdir / "saved", workdir / "reference-saved")
     same_files(workdir / "saved-state-dict", workdir / "reference-saved")
+    same_files(workdir / "saved-full-state-dict", workdir / "reference-saved")
 
 
 def test_a_rank_failing_mid_save_fails_every_rank(run):
