@@ -276,6 +276,14 @@ def test_consolidate_dcp_errors(run, tmp_path, capsys):
         f"splice consolidate: error: {escape / '.metadata'}: {index.fqn} names the file '../x.distcp', "
         f"which is not a plain name in {escape}"
     )
+    far = dataclasses.replace(metadata.storage_data[index], relative_path="__0_0.distcp", offset=1 << 40)
+    metadata.storage_data[index] = far
+    (escape / ".metadata").write_bytes(pickle.dumps(metadata))
+    size = (escape / "__0_0.distcp").stat().st_size
+    assert refused(escape, config) == (
+        f"splice consolidate: error: {escape / '__0_0.distcp'}: {index.fqn} is said to lie at bytes "
+        f"[{1 << 40}, {(1 << 40) + far.length}) of a {size}-byte file"
+    )
     (escape / ".metadata").write_bytes(pickle.dumps(os.system))
     assert refused(escape, config) == (
         f"splice consolidate: error: {escape / '.metadata'}: names posix.system, which DCP metadata never holds; "
