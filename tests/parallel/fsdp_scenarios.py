@@ -169,6 +169,8 @@ def fsdp(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tensor
     out["unfuse_refused"] = _error(lambda: splice.unfuse(model))
     unfused = meta_model(source, fusion=None)
     out["fuse_refused"] = _error(lambda: splice.fuse(unfused, FUSION))
+    # norm_mlp moves the norm into the MLP: a rename, so the view passes its DTensors through
+    out["norm_mlp_view"] = list(splice.original_state_dict(meta_model(source, fusion={"norm_mlp": True})))
 
     # training: each rank its slice of the batch; FSDP2 averages the gradients
     model.train()

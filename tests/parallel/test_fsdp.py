@@ -146,6 +146,7 @@ def test_surgery_on_a_sharded_model_says_to_fuse_first(run):
         assert "unfuse before fully_shard (fusing goes before sharding)" in out["unfuse_refused"]
         assert out["fuse_refused"].startswith("FusionError: 'qkv' at model.layers.0.self_attn: ")
         assert out["fuse_refused"].endswith("fuse before fully_shard (or tensor parallelism)")
+        assert out["norm_mlp_view"] == out["view_keys"]
 
 
 def test_training_matches_one_unfused_process(run):

@@ -13,7 +13,7 @@ tensor may describe itself (``__create_chunk_list__``, ``__create_write_items__`
   rank reading only its rows of the original tensors.
 
 Which original rows a rank's rows are is :func:`splice.parallel.layout.local_reads`: the fusion's own
-ops run on row numbers. A family whose ops are not row moves (``norm_mlp`` scales, ``patch_embeddings``
+ops run on row numbers. A family whose ops are neither renames nor row moves (``patch_embeddings``
 reshapes) is refused by name: ``splice.save_pretrained`` still saves such a model (it gathers).
 """
 
