@@ -32,7 +32,6 @@ from splice.fusion import (
     ModuleFusionSpec,
     fuse,
     fuse_modules,
-    original_state_dict,
     register_fusion,
     unfuse,
     unfuse_modules,
@@ -41,7 +40,11 @@ from splice.weightmap import Rule, WeightMap
 
 __version__ = "0.1.0"
 
-_LAZY_FUNCTIONS = {"from_pretrained": "splice.hf", "save_pretrained": "splice.hf"}
+_LAZY_FUNCTIONS = {
+    "from_pretrained": "splice.hf",
+    "save_pretrained": "splice.hf",
+    "original_state_dict": "splice.parallel.view",  # fusion's, or under FSDP2 a sharded view
+}
 _LAZY_MODULES = {"peft", "parallel", "kernels", "checkpoint", "transforms", "modular", "hf"}
 
 

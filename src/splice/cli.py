@@ -37,6 +37,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_consolidate(args: argparse.Namespace) -> int:
+    from splice.parallel import dcp_consolidate
+
+    if args.config is not None or dcp_consolidate.is_dcp_dir(args.shards_dir):
+        return dcp_consolidate.run(args)
     from splice.parallel.consolidate import run
 
     return run(args)
@@ -90,9 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("consolidate", help="rebuild the original checkpoint from TP shards (offline)")
-    p.add_argument("shards_dir", metavar="SHARDS_DIR", help="written by splice.parallel.save_shards")
+    p = sub.add_parser(
+        "consolidate", help="rebuild the original checkpoint from TP shards or a DCP checkpoint (offline)"
+    )
+    p.add_argument(
+        "shards_dir", metavar="SHARDS_DIR", help="written by splice.parallel.save_shards, or a DCP directory"
+    )
     p.add_argument("out_dir", metavar="OUT_DIR", help="output directory (replaced atomically)")
+    p.add_argument(
+        "--config", metavar="DIR", help="for a DCP checkpoint: the config.json with its fusion_config"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_consolidate)
     return parser

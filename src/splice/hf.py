@@ -15,6 +15,7 @@ the result is the original checkpoint layout, byte for byte.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -680,6 +681,11 @@ def save_pretrained(
         )
     out = Path(save_directory)
     gather = getattr(state, "gather_state_dict", None) if state_dict is None else None
+    finish = getattr(state, "finish_save", None)
+    if gather is None and _has_dtensors(model, state_dict):  # FSDP2 (fully_shard): collective too
+        from splice.parallel import fsdp
+
+        gather, finish = functools.partial(fsdp.gather_state_dict, state_dict=state_dict), fsdp.finish_save
     if gather is None:
         if save_original_format:  # a given state dict is the fused model's too, as transformers assumes
             state_dict = original_state_dict(model, state_dict)
@@ -694,10 +700,19 @@ def save_pretrained(
         if state_dict is not None:  # rank 0
             _write_checkpoint(model, state, state_dict, out, save_original_format, max_shard_size)
     except BaseException as exc:
-        state.finish_save(exc)
+        finish(exc)
         raise
-    state.finish_save(None)
+    finish(None)
     return out
+
+
+def _has_dtensors(model: nn.Module, state_dict: dict[str, torch.Tensor] | None) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    tensors = model.parameters() if state_dict is None else state_dict.values()
+    return any(isinstance(t, DTensor) for t in tensors)
 
 
 def _write_checkpoint(
@@ -755,7 +770,8 @@ def _save_configs(
     floating = [t.dtype for t in tensors.values() if t.dtype.is_floating_point]
     if floating:
         config.dtype = str(floating[0]).removeprefix("torch.")
-    config.architectures = [type(model).__name__]
+    # fully_shard makes an FSDP<Name> subclass; transformers strips the prefix too
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]
     if not original and state is not None and state.records:
         setattr(config, CONFIG_KEY, state.config)
     elif hasattr(config, CONFIG_KEY):

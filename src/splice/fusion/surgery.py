@@ -305,6 +305,11 @@ def _prepare(
         raise FusionError(
             f"{where}: the family's rules match none of the module's tensors {sorted(tensors)[:5]}"
         )
+    sharded = [k for k, t in tensors.items() if _is_dtensor(t)]
+    if sharded:
+        raise FusionError(
+            f"{where}: {sharded[0]} {_SHARDED}; fuse before fully_shard (or tensor parallelism)"
+        )
     requires_grad: dict[str, bool] = {}
     for step in steps:
         flags = {k: tensors[k].requires_grad for k in step.sources}
@@ -445,6 +450,13 @@ def _nested(a: str, b: str) -> bool:
 def _check_restorable(model: nn.Module, record: FusionRecord) -> None:
     """Refuse before changing anything when something was put over what splice installed (e.g. LoRA)."""
     where = f"{record.family!r} at {record.path or '<root>'}"
+    prefix = f"{record.path}." if record.path else ""
+    sharded = [k for k, t in _named_tensors(record.parent).items() if _is_dtensor(t)]
+    if sharded:
+        raise FusionError(
+            f"{where}: {prefix}{sharded[0]} {_SHARDED}; unfuse before fully_shard (fusing goes before "
+            "sharding), or save the original layout with splice.save_pretrained / splice.original_state_dict"
+        )
     for name, child in record.installed.items():
         current = record.parent._modules.get(name)
         if current is not child:
@@ -498,6 +510,17 @@ def original_state_dict(
 
 # --------------------------------------------------------------------------------------------------
 # tensor and module plumbing
+
+
+_SHARDED = "is sharded (a DTensor: fully_shard or tensor parallelism), and surgery needs whole tensors"
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:

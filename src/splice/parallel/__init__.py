@@ -15,6 +15,10 @@
 - `splice.parallel.shards` / `splice.parallel.consolidate`: per-rank files and rebuilding the original
   (``splice.parallel.consolidate.consolidate(shards_dir, out_dir)``, or ``splice consolidate``).
 - `splice.parallel.lora`: LoRA adapters trained under TP, back to vanilla PEFT tensors.
+- `splice.parallel.view`: ``splice.original_state_dict`` of a sharded model (FSDP2, TP, both): DTensors in
+  the original layout over this rank's rows, aliasing the fused parameters, for torch.distributed.checkpoint.
+- `splice.parallel.fsdp`: ``splice.save_pretrained`` under FSDP2 (collective; rank 0 writes).
+- `splice.parallel.dcp_consolidate`: ``splice consolidate DCP_DIR OUT_DIR --config DIR``, offline.
 
 Imports are lazy: consolidating needs neither transformers nor a process group.
 """
