@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import torch
 
 from splice.checkpoint import DTYPE_OF_TAG, TAG_OF_DTYPE, CheckpointReader, CheckpointWriter
 from splice.checkpoint.atomic import refuse_foreign_dir
+from splice.checkpoint.paths import copy_side_files, member
 from splice.errors import CheckpointError, WeightMapError
 from splice.parallel.layout import Read, local_reads, traceable
 from splice.parallel.metadata import read_metadata
@@ -73,7 +73,7 @@ def consolidate(
         writer_args, more = _like_source(document.get("source") or {}, produced)
         warnings += more
         with CheckpointWriter(out, **writer_args) as writer:
-            _copy_other_files(shards_dir, writer.staging_dir, document)
+            _copy_other_files(shards_dir, writer.staging_dir, document, warnings)
             total = sum(m.nbytes for m in produced.values())
             with _progress_bar(progress, total, f"{shards_dir.name} -> {out.name}") as advance:
                 for step in steps:
@@ -241,8 +241,12 @@ def open_shards(
     world, files = document["world_size"], document["files"]
     if len(files) != world:
         raise CheckpointError(f"{shards_dir / METADATA_NAME}: lists {len(files)} files for {world} ranks")
-    for rank, name in enumerate(files):
-        if not (shards_dir / name).is_file():
+    where = str(shards_dir / METADATA_NAME)
+    paths = [
+        member(shards_dir, name, where, f"the shard file of rank {rank}") for rank, name in enumerate(files)
+    ]
+    for rank, (name, path) in enumerate(zip(files, paths)):
+        if not path.is_file():
             raise CheckpointError(f"{shards_dir}: shard {name} (rank {rank} of {world}) is missing")
     extra = sorted(p.name for p in shards_dir.glob("*.safetensors") if p.name not in files)
     if extra:
@@ -251,8 +255,8 @@ def open_shards(
         )
     readers: list[CheckpointReader] = []
     try:
-        for rank, name in enumerate(files):
-            reader = CheckpointReader(shards_dir / name)
+        for rank, (name, path) in enumerate(zip(files, paths)):
+            reader = CheckpointReader(path)
             readers.append(reader)
             meta = reader.metadata
             if meta.get(RANK_KEY) != str(rank) or meta.get(WORLD_KEY) != str(world):
@@ -343,17 +347,12 @@ def _like_source(source: dict[str, Any], produced: dict[str, TensorMeta]) -> tup
     return {**args, "metas": metas or dict(produced), "shards": files or None}, warnings
 
 
-def _copy_other_files(shards_dir: Path, staging: Path, document: dict[str, Any]) -> None:
+def _copy_other_files(shards_dir: Path, staging: Path, document: dict[str, Any], warnings: list[str]) -> None:
+    """The shards directory's config and tokenizer files; links out of it are skipped (`copy_side_files`)."""
     skip = set(document["files"]) | {METADATA_NAME}
-    for path in sorted(shards_dir.iterdir()):
-        if (
-            path.name in skip
-            or path.name.startswith(".")
-            or not path.is_file()
-            or path.suffix == ".safetensors"
-        ):
-            continue
-        shutil.copyfile(path, staging / path.name)
+    copy_side_files(
+        shards_dir, staging, lambda name: name in skip or name.endswith(".safetensors"), warnings.append
+    )
 
 
 def _refuse_overlap(shards_dir: Path, out: Path) -> None:
