@@ -471,7 +471,11 @@ def test_a_failure_mid_conversion_leaves_dst_unchanged(llama, tmp_path, monkeypa
     assert tree_bytes(tmp_path / "dst") == before and leftovers(tmp_path) == []
     monkeypatch.undo()
 
+    real_apply = Transpose.apply
+
     def failing_op(self, tensors):
+        if tensors[0].is_meta:  # planning infers shapes on meta tensors: fail only once data flows
+            return real_apply(self, tensors)
         raise RuntimeError("op failed")
 
     monkeypatch.setattr(Transpose, "apply", failing_op)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -248,3 +249,131 @@ def test_save_pretrained_keeps_links_in_the_target_as_links(tmp_path, secret, mo
     assert os.readlink(out / "tokenizer.json") == str(secret)
     assert os.readlink(out / "extra" / "vocab.txt") == str(secret)
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and secret.read_bytes() == SECRET
+
+
+# ------------------------------------------------------------------------------ brace bombs and ReDoS
+
+
+def bomb(n: int) -> str:
+    return "x" + "{a,b}" * n + " -> y" + "{a,b}" * n
+
+
+@pytest.mark.parametrize("n", [13, 40])
+def test_a_brace_bomb_in_a_map_file_is_refused_before_expanding(tmp_path, capsys, n):
+    save_state_dict(tensors(), tmp_path / "src")
+    (tmp_path / "map.json").write_text(json.dumps({"rules": [bomb(n)]}))
+    assert (
+        main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--map", str(tmp_path / "map.json")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "expands into more than 4096 patterns; write a '*' or '#' wildcard instead" in err
+    assert err.count("\n") == 1 and len(err) < 400
+
+
+def test_a_brace_bomb_recorded_in_a_checkpoint_or_in_splice_parallel_json_is_refused(tmp_path):
+    bombed = json.dumps({"format": "splice.weightmap", "version": 1, "rules": [bomb(40)]})
+    save_state_dict(tensors(), tmp_path / "src", metadata={"format": "pt", "splice.weightmap": bombed})
+    with pytest.raises(
+        CheckpointError, match="the recorded splice.weightmap is unreadable: .* expands into more than 4096"
+    ):
+        convert_checkpoint(tmp_path / "src", tmp_path / "dst", None, reverse=True, progress=False)
+    shards = shards_dir(tmp_path / "shards")
+    edit(shards, lambda d: d.__setitem__("weight_map", json.loads(bombed)))
+    with pytest.raises(
+        CheckpointError, match="field weight_map is malformed: .* expands into more than 4096"
+    ):
+        consolidate(shards, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("a.*x*x*x*x*x*x*x*x*x*x*x*x*x*x*x*x*x*x*x*x*x*x.b", "at most one wildcard ('*', '**' or '#') per dotted component, found '*x*x"),
+        ("**.**.**.**.**.**.**.**.**.**.**.**.x", "at most one '**' per pattern"),
+    ],
+)  # fmt: skip
+def test_patterns_that_would_backtrack_for_hours_are_refused(pattern, message):
+    from splice.errors import WeightMapError
+    from splice.weightmap import WeightMap
+
+    with pytest.raises(WeightMapError, match=re.escape(message)):
+        WeightMap.from_dict({"rules": [{"sources": [pattern], "targets": ["y"]}]})
+
+
+# ------------------------------------------------------------------------------ ops that grow past the file
+
+
+def recorded(folder: Path, rule: str, source: dict | None = None, shape=(4, 4)) -> Path:
+    """A 4x4 checkpoint that claims to have been converted by ``rule`` (and, if given, from ``source``)."""
+    metadata = {"format": "pt", "splice.weightmap": json.dumps({"rules": [rule]})}
+    if source is not None:
+        metadata["splice.source_metadata"] = "null"
+        metadata["splice.source_layout"] = json.dumps({"index_metadata": None, "files": [source]})
+    save_state_dict({"w": torch.ones(shape)}, folder, metadata=metadata)
+    return folder
+
+
+@pytest.mark.parametrize("times", [2**16, 10**9])
+@pytest.mark.parametrize("with_source", [False, True])
+def test_a_recorded_op_that_would_allocate_far_more_than_the_file_is_refused(
+    tmp_path, capsys, times, with_source
+):
+    rule = f"w -> w | dedup_blocks(times={times})"
+    source = [["w", "F32", [4 * times, 4]]] if with_source else None
+    src = recorded(tmp_path / "src", rule, source)
+    assert main(["convert", str(src), str(tmp_path / "dst"), "--reverse"]) == 2
+    err = capsys.readouterr().err
+    made = {2**16: "4.2 MB", 10**9: "64.0 GB"}[times]
+    assert (
+        f"repeat_blocks(dim=0, blocks=1, times={times}) would make {made} out of the 64 B the step reads"
+        in err
+    )
+    assert err.count("\n") == 1 and not (tmp_path / "dst").exists()
+
+
+def test_an_intermediate_that_would_blow_up_is_refused_even_if_the_result_is_small(tmp_path):
+    src = recorded(tmp_path / "src", "w -> w | repeat_blocks(times=65536) | dedup_blocks(times=65536)")
+    with pytest.raises(Exception, match=r"repeat_blocks\(dim=0, blocks=1, times=65536\) would make 4.2 MB"):
+        convert_checkpoint(src, tmp_path / "dst", None, reverse=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("rule", "shape", "message"),
+    [
+        ("w -> w | pad(size=10000000000000000000)", (4, 4), "pad(dim=0, size=10000000000000000000"),
+        ("w -> w | repeat_blocks(times=4611686018427387904)", (4, 4), "integer multiplication overflow"),
+        ("w -> w.# | unstack", (10**6, 0), "would make 1000000 tensors, more than the 65536 allowed"),
+    ],
+)
+def test_absurd_sizes_in_a_map_are_one_line_errors(tmp_path, capsys, rule, shape, message):
+    save_state_dict({"w": torch.ones(shape)}, tmp_path / "src")
+    (tmp_path / "map.json").write_text(json.dumps({"rules": [rule]}))
+    assert (
+        main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--map", str(tmp_path / "map.json")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("splice convert: error: ") and message in err and err.count("\n") == 1
+
+
+def test_consolidate_refuses_recorded_source_shapes_the_shards_do_not_make(tmp_path):
+    shards = shards_dir(tmp_path / "shards")
+    edit(shards, lambda d: d["source"]["tensors"].__setitem__("lm_head.weight", ["F32", [8 * 10**9, 4]]))
+    with pytest.raises(
+        CheckpointError,
+        match=r"source.tensors records lm_head.weight as \[8000000000, 4\], but its weight_map makes \[8, 4\]",
+    ):
+        consolidate(shards, tmp_path / "out", progress=False)
+    rules = {
+        "format": "splice.weightmap",
+        "version": 1,
+        "rules": ["lm_head.weight -> lm_head.weight | dedup_blocks(times=1000000000)"],
+    }
+    edit(shards, lambda d: d.__setitem__("weight_map", rules))
+    with pytest.raises(
+        CheckpointError,
+        match=r"repeat_blocks\(dim=0, blocks=1, times=1000000000\) would make 128.0 GB out of the 128 B",
+    ):
+        consolidate(shards, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -40,6 +40,7 @@ from splice.checkpoint.paths import copy_side_files
 from splice.checkpoint.reader import DEFAULT_WEIGHTS_NAME
 from splice.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
 from splice.errors import CheckpointError, WeightMapError
+from splice.growth import check_plan
 from splice.transforms import Split, TensorMeta, Unstack
 from splice.weightmap import Plan, Step, WeightMap
 
@@ -131,6 +132,7 @@ def convert_checkpoint(
     with CheckpointReader(src) as reader:
         _refuse_overlap_files(reader, Path(dst))
         job = _reverse_job(reader, weight_map) if reverse else _forward_job(reader, weight_map)
+        check_plan(job.plan, str(src))  # the ops may come from a file: bounded before anything is allocated
         if max_shard_size is not None:
             job.max_shard_size = max_shard_size
             job.warnings = []  # the caller chose the split

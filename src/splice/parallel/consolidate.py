@@ -28,6 +28,7 @@ from splice.checkpoint import DTYPE_OF_TAG, TAG_OF_DTYPE, CheckpointReader, Chec
 from splice.checkpoint.atomic import refuse_foreign_dir
 from splice.checkpoint.paths import copy_side_files, member
 from splice.errors import CheckpointError, WeightMapError
+from splice.growth import check_step
 from splice.parallel.layout import Read, local_reads, traceable
 from splice.parallel.metadata import read_metadata
 from splice.parallel.shards import METADATA_NAME, RANK_KEY, WORLD_KEY
@@ -121,7 +122,30 @@ def _plan(
     stray = [k for k in tensors if k not in made]
     if stray:
         raise CheckpointError(f"{where}: its weight_map produces no {stray[:3]}, which the shards hold")
+    for step in steps:
+        _check_source_shapes(step, recorded, tensors, str(where))
     return steps, recorded
+
+
+def _check_source_shapes(
+    step: Step, recorded: dict[str, TensorMeta], tensors: dict[str, _Tensor], where: str
+) -> None:
+    """The step's ops, run backwards on the shards' shapes, make the recorded source shapes, within the growth bound.
+
+    The shapes of the TP-global tensors are checked against the shard files; the source's are only
+    recorded, so they are allocated only once the map is seen to produce them from what the files hold.
+    """
+    globals_ = tuple(tensors[t].meta for t in step.targets)
+    try:
+        made = check_step(step.inverted(), globals_, where)
+    except WeightMapError as exc:
+        raise CheckpointError(str(exc)) from None
+    for key, meta in zip(step.sources, made):
+        if meta.shape != recorded[key].shape:
+            raise CheckpointError(
+                f"{where}: source.tensors records {key} as {list(recorded[key].shape)}, but its weight_map makes "
+                f"{list(meta.shape)} out of the shards' {', '.join(map(str, globals_))}"
+            )
 
 
 def _rebuild(
