@@ -16,6 +16,7 @@ import io
 import re
 import sys
 import tokenize
+from collections.abc import Callable
 from pathlib import Path
 
 import libcst as cst
@@ -237,6 +238,24 @@ def parse_source(source: str, path: Path | str) -> cst.Module:
             except SyntaxError as syntax:
                 line, reason = syntax.lineno or line, syntax.msg
         raise ModularError(f"not valid Python: {reason}", path, line) from None
+
+
+def find_all(node: cst.CSTNode, wanted: Callable[[cst.CSTNode], bool]) -> list[cst.CSTNode]:
+    """Every node under ``node`` (itself included) that ``wanted`` accepts, in source order.
+
+    What ``libcst.matchers.findall`` does for the few shapes the converter looks for, without importing
+    ``libcst.matchers`` (0.3-0.8 s per process, more than the rest of a conversion).
+    """
+    found: list[cst.CSTNode] = []
+
+    class _Find(cst.CSTVisitor):
+        def on_visit(self, child: cst.CSTNode) -> bool:
+            if wanted(child):
+                found.append(child)
+            return True
+
+    node.visit(_Find())
+    return found
 
 
 def dotted_name(node: cst.BaseExpression | None) -> str:
