@@ -377,3 +377,47 @@ def test_consolidate_refuses_recorded_source_shapes_the_shards_do_not_make(tmp_p
     ):
         consolidate(shards, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ text files that are not text
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "map.json: a weight map is UTF-8 JSON text, and this file is not (byte 0x89 at offset 0)"),
+        (b"[" * 100_000, "map.json: weight map is not valid JSON: nested too deeply"),
+    ],
+    ids=["binary", "deep"],
+)  # fmt: skip
+def test_a_map_that_is_not_json_text_is_one_line_exit_2(tmp_path, capsys, content, message):
+    save_state_dict(tensors(), tmp_path / "src")
+    (tmp_path / "map.json").write_bytes(content)
+    assert (
+        main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--map", str(tmp_path / "map.json")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("splice convert: error: ") and message in err and err.count("\n") == 1
+
+
+def test_deep_json_in_splice_parallel_json_or_a_recorded_layout_is_a_clear_error(tmp_path, capsys):
+    shards = shards_dir(tmp_path / "shards")
+    (shards / METADATA_NAME).write_text("[" * 100_000)
+    assert main(["consolidate", str(shards), str(tmp_path / "out")]) == 2
+    assert "splice-parallel.json: unreadable: JSON nested too deeply" in capsys.readouterr().err
+    src = recorded(tmp_path / "src", "w -> w | transpose")
+    metadata = {"format": "pt", "splice.weightmap": "[" * 100_000}
+    save_state_dict({"w": torch.ones(4, 4)}, src, metadata=metadata)
+    assert main(["convert", str(src), str(tmp_path / "dst"), "--reverse"]) == 2
+    assert (
+        "the recorded splice.weightmap is unreadable: weight map is not valid JSON: nested too deeply"
+        in capsys.readouterr().err
+    )
+    metadata = {"format": "pt", "splice.weightmap": "[]", "splice.source_layout": "[" * 100_000}
+    save_state_dict({"w": torch.ones(4, 4)}, src, metadata=metadata)
+    assert main(["convert", str(src), str(tmp_path / "dst"), "--reverse"]) == 2
+    assert (
+        "splice.source_layout / splice.source_metadata in its metadata are not what splice convert writes (RecursionError"
+        in capsys.readouterr().err
+    )

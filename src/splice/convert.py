@@ -276,7 +276,7 @@ def _read_record(reader: CheckpointReader) -> _Recorded | None:
             raise TypeError(f"{SOURCE_METADATA_KEY} is a {type(source_metadata).__name__}")
         if not (index_metadata is None or isinstance(index_metadata, dict)):
             raise TypeError(f"its index_metadata is a {type(index_metadata).__name__}")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CheckpointError(
             f"{reader.path}: {SOURCE_LAYOUT_KEY} / {SOURCE_METADATA_KEY} in its metadata are not what "
             f"splice convert writes ({type(exc).__name__}: {exc})"

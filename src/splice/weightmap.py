@@ -414,9 +414,12 @@ class WeightMap:
     @classmethod
     def from_json(cls, text: str) -> WeightMap:
         try:
-            return cls.from_dict(json.loads(text))
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise WeightMapError(f"weight map is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise WeightMapError("weight map is not valid JSON: nested too deeply") from None
+        return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
         try:
@@ -427,9 +430,16 @@ class WeightMap:
     @classmethod
     def load(cls, path: str | Path) -> WeightMap:
         try:
-            text = Path(path).read_text()
+            raw = Path(path).read_bytes()
         except OSError as exc:
             raise WeightMapError(f"cannot read weight map {path}: {exc.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise WeightMapError(
+                f"{path}: a weight map is UTF-8 JSON text, and this file is not (byte 0x{raw[exc.start]:02x} at "
+                f"offset {exc.start})"
+            ) from None
         try:
             return cls.from_json(text)
         except WeightMapError as exc:
