@@ -421,3 +421,25 @@ def test_deep_json_in_splice_parallel_json_or_a_recorded_layout_is_a_clear_error
         "splice.source_layout / splice.source_metadata in its metadata are not what splice convert writes (RecursionError"
         in capsys.readouterr().err
     )
+
+
+def test_from_pretrained_refuses_an_index_naming_a_file_outside(tmp_path, secret):
+    transformers = pytest.importorskip("transformers")
+    import splice
+
+    config = transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=32,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "model", max_shard_size="8KB")
+    index_path = tmp_path / "model" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["lm_head.weight"] = "../outside/shadow"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as info:
+        splice.from_pretrained(transformers.LlamaForCausalLM, tmp_path / "model", fusion_config={"qkv": True})
+    assert (
+        "the shard file of tensor 'lm_head.weight' '../outside/shadow' is refused (a '..' component)"
+        in str(info.value)
+    )
+    assert "root:" not in str(info.value)
