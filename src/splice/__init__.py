@@ -11,7 +11,8 @@ The public API (see README.md and docs/):
     splice.ModuleFusionSpec, splice.register_fusion
     splice.peft, splice.parallel, splice.kernels
 
-Core needs only torch and safetensors; the Transformers, PEFT and parallel parts import lazily.
+Core needs only torch and safetensors. Every name above is imported on first use (PEP 562), so
+``import splice`` itself loads neither torch nor transformers and ``splice modular`` starts fast.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ output. The rules:
   into another, skipping with a warning each symbolic link that leads out of the directory (or into a
   directory, or nowhere). A link into the Hugging Face cache's own ``blobs/`` folder, from one of its
   ``snapshots/<rev>/`` folders, is followed: that is how every file of a downloaded model is stored.
-  A copy keeps its source's permission bits, so it is never more readable than what it was read from.
+  A copy is created with its source's permission bits (less the umask), so it is never more readable
+  than what it was read from.
 
 >>> member(Path("ckpt"), "model-00001-of-00002.safetensors", "ckpt/model.safetensors.index.json")  # doctest: +SKIP
 PosixPath('ckpt/model-00001-of-00002.safetensors')
@@ -88,7 +89,7 @@ def _hf_cache_blob(folder: Path, target: Path) -> bool:
     return target.parent == blobs
 
 
-def side_file_source(path: Path, folder: Path) -> tuple[Path | None, str | None]:
+def _side_file_source(path: Path, folder: Path) -> tuple[Path | None, str | None]:
     """``(what to copy, None)`` for a file of ``folder`` that may be copied, else ``(None, why not)``.
 
     The path returned is the resolved one, so the bytes copied are those of the file checked.
@@ -107,6 +108,19 @@ def side_file_source(path: Path, folder: Path) -> tuple[Path | None, str | None]
     )
 
 
+def _copy_no_wider(source: Path, target: Path) -> None:
+    """Copy ``source`` (not a link: it was resolved) into a new file created no more readable than it is.
+
+    The mode is set when the file is created, so there is no moment when the copy is more readable
+    than its source; ``O_NOFOLLOW`` refuses a source swapped for a link since it was checked.
+    """
+    fd = os.open(source, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with open(fd, "rb") as src:
+        mode = stat.S_IMODE(os.fstat(src.fileno()).st_mode) & 0o666
+        with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+
 def copy_side_files(
     folder: Path, staging: Path, skip: Callable[[str], bool], warn: Callable[[str], None]
 ) -> list[str]:
@@ -119,14 +133,13 @@ def copy_side_files(
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or skip(path.name):
             continue
-        source, why_not = side_file_source(path, folder)
+        source, why_not = _side_file_source(path, folder)
         if why_not is not None:
             warn(why_not)
         if source is None:
             continue
         try:
-            shutil.copyfile(source, staging / path.name)
-            os.chmod(staging / path.name, stat.S_IMODE(os.stat(source).st_mode))
+            _copy_no_wider(source, staging / path.name)
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot copy it into the output: {exc.strerror or exc}") from None
         copied.append(path.name)
