@@ -525,9 +525,9 @@ def good_header(**entries) -> dict:
 @pytest.mark.parametrize(
     ("header", "data", "length", "message"),
     [
-        (b"", b"", 3, "file is 8 bytes, too short|header length is 3 bytes but only 0"),
-        (good_header(a=[0, 8]), b"\0" * 8, 10**6, "truncated: header length is 1000000 bytes but only"),
-        (good_header(a=[0, 8]), b"\0" * 8, 2 * 10**8, "header length is 200000000 bytes, more than"),
+        (b"", b"", 3, "file is 8 bytes, too short|header length is more than the 0 bytes that follow"),
+        (good_header(a=[0, 8]), b"\0" * 8, 10**6, "truncated or not safetensors: its header length is more than the [0-9]+ bytes that follow"),
+        (good_header(a=[0, 8]), b"\0" * 8, 2 * 10**8, "not a safetensors file: its first 8 bytes do not hold a header length of at most 100000000"),
         (good_header(a=[0, 8], b=[8, 16]), b"\0" * 12, None, "truncated: tensor 'b' data ends at byte .* but the file has"),
         (good_header(a=[0, 8]), b"\0" * 9, None, "1 bytes after the end of the last tensor's data"),
         (b'{"a": {"dtype": "F32",', b"", None, "the header is not valid JSON"),
@@ -649,8 +649,11 @@ def test_key_duplicated_across_shards(sharded, tmp_path):
     [
         ('{"metadata": {}}', 'expected a "weight_map" object .* found no weight_map'),
         ('{"weight_map": []}', 'expected a "weight_map" object .* found list'),
-        ('{"weight_map": {"a": 3}}', "tensor 'a' maps to 3, expected a file name relative to the index"),
-        ('{"weight_map": {"a": "/etc/x.safetensors"}}', "expected a file name relative"),
+        ('{"weight_map": {"a": 3}}', "the shard file of tensor 'a' 3 must be a non-empty string"),
+        (
+            '{"weight_map": {"a": "/etc/x.safetensors"}}',
+            r"'/etc/x.safetensors' is refused \(an absolute path\)",
+        ),
         ('{"weight_map": {}, "metadata": []}', '"metadata" must be an object'),
         ('{"weight_map": {"a": "x", "a": "y"}}', "the index has the key 'a' more than once"),
         ("{oops", "the index is not valid JSON"),

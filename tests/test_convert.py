@@ -342,7 +342,7 @@ ERRORS = {
     " but not model.layers.1.self_attn.v_proj.weight",
     "shape mismatch": "on model.layers.0.self_attn.{q,k,v}_proj.weight: concat(dim=0, sizes=(64, 32, 32)): inputs"
     " must agree on every dim except 0; got shapes [64, 64], [32, 63], [32, 64]",
-    "truncated header": "model.safetensors: truncated: header length is ",
+    "truncated header": "model.safetensors: truncated or not safetensors: its header length is more than the ",
     "wrong dtype tag": "model.safetensors: tensor 'lm_head.weight' has dtype tag 'F31', expected one of F64,",
 }
 
@@ -471,7 +471,11 @@ def test_a_failure_mid_conversion_leaves_dst_unchanged(llama, tmp_path, monkeypa
     assert tree_bytes(tmp_path / "dst") == before and leftovers(tmp_path) == []
     monkeypatch.undo()
 
+    real_apply = Transpose.apply
+
     def failing_op(self, tensors):
+        if tensors[0].is_meta:  # planning infers shapes on meta tensors: fail only once data flows
+            return real_apply(self, tensors)
         raise RuntimeError("op failed")
 
     monkeypatch.setattr(Transpose, "apply", failing_op)

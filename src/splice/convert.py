@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -37,9 +36,11 @@ import torch
 
 from splice.checkpoint import DTYPE_OF_TAG, TAG_OF_DTYPE, CheckpointReader, CheckpointWriter, plan_shards
 from splice.checkpoint.atomic import refuse_foreign_dir
+from splice.checkpoint.paths import copy_side_files
 from splice.checkpoint.reader import DEFAULT_WEIGHTS_NAME
 from splice.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
 from splice.errors import CheckpointError, WeightMapError
+from splice.growth import check_plan
 from splice.transforms import Split, TensorMeta, Unstack
 from splice.weightmap import Plan, Step, WeightMap
 
@@ -131,6 +132,7 @@ def convert_checkpoint(
     with CheckpointReader(src) as reader:
         _refuse_overlap_files(reader, Path(dst))
         job = _reverse_job(reader, weight_map) if reverse else _forward_job(reader, weight_map)
+        check_plan(job.plan, str(src))  # the ops may come from a file: bounded before anything is allocated
         if max_shard_size is not None:
             job.max_shard_size = max_shard_size
             job.warnings = []  # the caller chose the split
@@ -151,7 +153,7 @@ def convert_checkpoint(
             weights_name=_weights_name(reader),
             index_metadata=job.index_metadata,
         ) as writer:
-            _copy_other_files(Path(src), writer.staging_dir)
+            _copy_other_files(Path(src), writer.staging_dir, job.warnings)
             total = sum(m.nbytes for m in job.metas.values())
             scratch = _Scratch(plan.steps) if _DIRECT_READS else None
             with _progress_bar(progress, total, f"{Path(src).name} -> {Path(dst).name}") as advance:
@@ -274,7 +276,7 @@ def _read_record(reader: CheckpointReader) -> _Recorded | None:
             raise TypeError(f"{SOURCE_METADATA_KEY} is a {type(source_metadata).__name__}")
         if not (index_metadata is None or isinstance(index_metadata, dict)):
             raise TypeError(f"its index_metadata is a {type(index_metadata).__name__}")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CheckpointError(
             f"{reader.path}: {SOURCE_LAYOUT_KEY} / {SOURCE_METADATA_KEY} in its metadata are not what "
             f"splice convert writes ({type(exc).__name__}: {exc})"
@@ -458,18 +460,13 @@ def _weights_name(reader: CheckpointReader) -> str:
     return name if name.endswith(".safetensors") else DEFAULT_WEIGHTS_NAME
 
 
-def _copy_other_files(src: Path, staging: Path) -> None:
-    """Copy config.json, tokenizer files and the like from a source directory; never its weights."""
+def _copy_other_files(src: Path, staging: Path, warnings: list[str]) -> None:
+    """Copy config.json, tokenizer files and the like from a source directory; never its weights, and
+    no symbolic link out of it (`copy_side_files`: each one skipped is a warning)."""
     folder = src if src.is_dir() else src.parent if src.name.endswith(".json") else None
     if folder is None:
         return
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.name.endswith(_WEIGHT_SUFFIXES) or not path.is_file():
-            continue
-        try:
-            shutil.copyfile(path, staging / path.name)
-        except OSError as exc:
-            raise CheckpointError(f"{path}: cannot copy it into the output: {exc.strerror or exc}") from None
+    copy_side_files(folder, staging, lambda name: name.endswith(_WEIGHT_SUFFIXES), warnings.append)
 
 
 def _shown(keys: list[str], limit: int = 5) -> str:

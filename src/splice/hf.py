@@ -792,8 +792,10 @@ def _carry_over(out: Path, staging: Path) -> None:
         if (staging / item.name).exists():
             continue
         try:
-            if item.is_dir():
-                shutil.copytree(item, staging / item.name, copy_function=_link_or_copy)
+            if item.is_symlink():  # kept as the link it is: its target is not read (it may be outside `out`)
+                os.symlink(os.readlink(item), staging / item.name)
+            elif item.is_dir():
+                shutil.copytree(item, staging / item.name, symlinks=True, copy_function=_link_or_copy)
             else:
                 _link_or_copy(item, staging / item.name)
         except OSError as exc:

@@ -74,8 +74,10 @@ def _read_config_json(path: Path) -> dict[str, Any]:
         config = json.loads(file.read_text())
     except OSError as exc:
         raise LoadError(f"{file}: cannot read it: {exc.strerror}") from None
-    except ValueError as exc:
+    except ValueError as exc:  # a UnicodeDecodeError too
         raise LoadError(f"{file}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise LoadError(f"{file}: not valid JSON: nested too deeply") from None
     if not isinstance(config, dict):
         raise LoadError(f"{file}: must be a JSON object with a model_type, got a {type(config).__name__}")
     return config

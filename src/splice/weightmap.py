@@ -57,6 +57,16 @@ class Pattern:
             raise WeightMapError(f"bad key pattern {self.text!r}")
         if self.text.count("#") > 1:
             raise WeightMapError(f"pattern {self.text!r}: at most one '#' (collected index) per pattern")
+        # Two wildcards in one component (``*a*a*``), or two ``**``, make the match ambiguous, and a regex
+        # engine then tries every split of a key: a map read from a file could stall for hours on one key.
+        if self.text.count("**") > 1:
+            raise WeightMapError(f"pattern {self.text!r}: at most one '**' per pattern")
+        crowded = [part for part in self.text.split(".") if len(_TOKEN.findall(part)) > 1]
+        if crowded:
+            raise WeightMapError(
+                f"pattern {self.text!r}: at most one wildcard ('*', '**' or '#') per dotted component, "
+                f"found {crowded[0]!r}"
+            )
 
     @property
     def tokens(self) -> list[str]:
@@ -127,13 +137,36 @@ def _compiled(regex: str) -> re.Pattern[str]:
     return pattern
 
 
+MAX_EXPANSION = 4096
+"""Most patterns one brace pattern may expand into. ``{a,b}`` repeated 40 times would be 2**40 of them."""
+
+_BRACES = re.compile(r"\{([^{}]*)\}")
+
+
 def _expand_braces(text: str) -> list[str]:
-    text = text.strip()
-    m = re.search(r"\{([^{}]*)\}", text)
-    if m is None:
-        return [text]
-    choices = [c.strip() for c in m.group(1).split(",")]
-    return [e for c in choices for e in _expand_braces(text[: m.start()] + c + text[m.end() :])]
+    """``a.{q,k}.{w,b}`` -> ``a.q.w, a.q.b, a.k.w, a.k.b``, innermost braces first; each step is counted
+    before it is taken, so a brace bomb is refused after at most ``MAX_EXPANSION`` patterns of work."""
+    done, pending = [], [text.strip()]
+    work = 0  # characters written, so that many single-choice braces in a long text are bounded too
+    while pending:
+        m = _BRACES.search(pending[0])
+        if m is None:
+            done.append(pending.pop(0))
+            continue
+        choices = m.group(1).split(",")
+        work += len(choices) * len(pending[0])
+        if len(done) + len(pending) - 1 + len(choices) > MAX_EXPANSION or work > 1000 * MAX_EXPANSION:
+            raise WeightMapError(
+                f"pattern {_shown(text)} expands into more than {MAX_EXPANSION} patterns; "
+                "write a '*' or '#' wildcard instead of so many braces"
+            )
+        first = pending.pop(0)
+        pending[:0] = [(first[: m.start()] + c.strip() + first[m.end() :]).strip() for c in choices]
+    return done
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    return repr(text) if len(text) <= limit else repr(text[: limit - 3]) + "..."
 
 
 def _compact(patterns: Sequence[str]) -> str:
@@ -381,9 +414,12 @@ class WeightMap:
     @classmethod
     def from_json(cls, text: str) -> WeightMap:
         try:
-            return cls.from_dict(json.loads(text))
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise WeightMapError(f"weight map is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise WeightMapError("weight map is not valid JSON: nested too deeply") from None
+        return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
         try:
@@ -394,9 +430,16 @@ class WeightMap:
     @classmethod
     def load(cls, path: str | Path) -> WeightMap:
         try:
-            text = Path(path).read_text()
+            raw = Path(path).read_bytes()
         except OSError as exc:
             raise WeightMapError(f"cannot read weight map {path}: {exc.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise WeightMapError(
+                f"{path}: a weight map is UTF-8 JSON text, and this file is not (byte 0x{raw[exc.start]:02x} at "
+                f"offset {exc.start})"
+            ) from None
         try:
             return cls.from_json(text)
         except WeightMapError as exc:
@@ -537,9 +580,10 @@ def _resolve_step_ops(
 ) -> tuple[tuple[Op, ...], list[TensorMeta]]:
     try:
         return resolve_ops(ops, metas)
-    except TransformError as exc:
+    except (TransformError, RuntimeError, OverflowError, TypeError) as exc:  # torch's own, on absurd sizes
         shapes = ", ".join(str(m) for m in metas)
-        raise WeightMapError(f"{where}: {exc} (inputs: {shapes})") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightMapError(f"{where}: {reason} (inputs: {shapes})") from None
 
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")

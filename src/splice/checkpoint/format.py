@@ -254,16 +254,18 @@ def header_length(length_prefix: bytes, file_size: int, where: str) -> int:
         raise CheckpointError(
             f"{where}: file is {file_size} bytes, too short for the 8-byte header length of a safetensors file"
         )
+    # The length is the file's first 8 bytes: a file that is not safetensors (a name in a hostile index
+    # pointing at /etc/passwd) would have them printed as a number, so the messages never show it.
     n = int.from_bytes(length_prefix, "little")
     if n > MAX_HEADER_SIZE:
         raise CheckpointError(
-            f"{where}: header length is {n} bytes, more than the {MAX_HEADER_SIZE} allowed; "
-            "the file is corrupt or not safetensors"
+            f"{where}: not a safetensors file: its first 8 bytes do not hold a header length of at most "
+            f"{MAX_HEADER_SIZE} bytes (the file is corrupt or in another format)"
         )
     if n > file_size - 8:
         raise CheckpointError(
-            f"{where}: truncated: header length is {n} bytes but only {file_size - 8} bytes follow "
-            "the 8-byte length prefix"
+            f"{where}: truncated or not safetensors: its header length is more than the {file_size - 8} "
+            "bytes that follow the 8-byte length prefix"
         )
     return n
 

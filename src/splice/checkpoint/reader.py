@@ -30,6 +30,7 @@ from .format import (
     load_json_object,
     parse_header,
 )
+from .paths import member, shown
 from .slicing import Ranges, file_runs, memory_runs, select
 
 DEFAULT_WEIGHTS_NAME = "model.safetensors"
@@ -154,14 +155,14 @@ class CheckpointReader:
         self.index_metadata = metadata
 
         keys_of: dict[str, list[str]] = {}
+        shard_paths: dict[str, Path] = {}
         for key, filename in weight_map.items():
-            if not isinstance(filename, str) or not filename or os.path.isabs(filename):
-                raise CheckpointError(
-                    f"{where}: tensor {key!r} maps to {filename!r}, expected a file name relative to the index"
-                )
+            if not isinstance(filename, str) or filename not in shard_paths:
+                what = f"the shard file of tensor {shown(key)}"
+                shard_paths[filename] = member(index_path.parent, filename, where, what)
             keys_of.setdefault(filename, []).append(key)
         for filename in sorted(keys_of):
-            shard_path = index_path.parent / filename
+            shard_path = shard_paths[filename]
             if not shard_path.is_file():
                 keys = keys_of[filename]
                 raise CheckpointError(
@@ -171,7 +172,7 @@ class CheckpointReader:
             self._shards[shard_path] = _Shard(shard_path)
 
         for key, filename in weight_map.items():
-            shard = self._shards[index_path.parent / filename]
+            shard = self._shards[shard_paths[filename]]
             entry = shard.header.entries.get(key)
             if entry is None:
                 raise CheckpointError(
@@ -186,7 +187,7 @@ class CheckpointReader:
                     raise CheckpointError(
                         f"{shard.path}: holds tensor {key!r}, which the index {index_path.name} does not list"
                     )
-                if index_path.parent / owner != shard.path:
+                if shard_paths[owner] != shard.path:
                     raise CheckpointError(
                         f"{shard.path}: holds tensor {key!r}, which the index {index_path.name} maps to {owner}; "
                         "the key is duplicated across shards"

@@ -246,8 +246,9 @@ def fuse_modules(model: nn.Module, globs: Sequence[str], *, kernel: str | Kernel
     ``splice.fuse_modules(model, ["model.layers.*.post_attention_layernorm", "model.layers.*.mlp"])``
     returns a FusionReport; ``kernel`` (a registered name or a callable) is plugged into every chain.
     """
-    from splice.fusion.surgery import fuse
+    from splice.fusion.surgery import fuse, require_module
 
+    require_module(model, "splice.fuse_modules")
     parents, names = plan_chains(model, globs)
     report = fuse(model, {"chain": ChainSpec(parents, names)})
     if kernel is not None:

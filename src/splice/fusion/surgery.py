@@ -162,6 +162,7 @@ def fuse(model: nn.Module, config: Any) -> FusionReport:
     ``config`` is ``["qkv", "gate_up"]``, ``{"qkv": True, "gate_up": {"modules": r"layers\\.[0-3]\\."}}``
     or ``{"my_family": MySpec()}``. Everything is validated before the model is touched.
     """
+    require_module(model, "splice.fuse")
     triples = resolve_config(config)
     if not triples:
         raise FusionError("the fusion config enables no family")
@@ -178,7 +179,7 @@ def fuse(model: nn.Module, config: Any) -> FusionReport:
     records: list[FusionRecord] = []
     try:
         for family, spec, options in triples:
-            targets = discover(model, family, spec, options)
+            targets = _discover_again(model, family, spec, options, state)
             shared = Counter(id(t) for t in _all_tensors(model))
             prepared = [_prepare(family, spec, options, path, module, shared) for path, module in targets]
             for item in prepared:
@@ -200,6 +201,36 @@ def fuse(model: nn.Module, config: Any) -> FusionReport:
             del model.__dict__[STATE_ATTR]
         raise
     return FusionReport(records)
+
+
+def require_module(model: Any, function: str) -> None:
+    """A `FusionError` when ``model`` is not an ``nn.Module`` (a path or a name, passed where the model goes)."""
+    if not isinstance(model, nn.Module):
+        shown = repr(model) if len(repr(model)) <= 60 else repr(model)[:57] + "..."
+        raise FusionError(
+            f"{function}: expected the model, a torch.nn.Module, got {type(model).__name__} {shown}"
+            + (
+                "; load it first (splice.from_pretrained loads a path fused)"
+                if isinstance(model, str)
+                else ""
+            )
+        )
+
+
+def _discover_again(
+    model: nn.Module, family: str, spec: ModuleFusionSpec, options: FusionOptions, state: SpliceState
+) -> list[tuple[str, nn.Module]]:
+    """`discover`, saying so when nothing is left because the family is already fused here."""
+    try:
+        return discover(model, family, spec, options)
+    except FusionError:
+        fused = [r.path or "<root>" for r in state.records if r.family == family]
+        if not fused:
+            raise
+        raise FusionError(
+            f"{family!r} is already fused in this model ({len(fused)} module(s), e.g. {fused[0]}) and nothing is "
+            f"left to fuse; unfuse(model, family={family!r}) first to fuse it again"
+        ) from None
 
 
 def _config_entry(family: str, spec: ModuleFusionSpec, options: FusionOptions) -> Any:
@@ -405,6 +436,7 @@ def unfuse(model: nn.Module, *, family: str | None = None) -> int:
 
     The result has the same module objects as before fusing, holding bitwise-equal tensors.
     """
+    require_module(model, "splice.unfuse")
     state = get_state(model)
     if state is None or not state.records:
         raise FusionError("this model has nothing fused by splice")
@@ -489,6 +521,7 @@ def original_state_dict(
     gathered, say), keyed as ``model.state_dict()`` is. Tensors are detached; pieces of fused tensors
     are views, so this costs no extra memory.
     """
+    require_module(model, "splice.original_state_dict")
     if state_dict is None:
         state_dict = model.state_dict(keep_vars=True)
     runtime = {k: v.detach() for k, v in state_dict.items()}

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import libcst as cst
-from libcst import matchers as m
 from libcst.metadata import MetadataWrapper, PositionProvider
 
 from splice.modular.emit import format_code, render
@@ -29,7 +28,7 @@ from splice.modular.merge import merge_class
 from splice.modular.names import NameBook, NameSwap, config_mapping
 from splice.modular.parents import ParentImport, choose_prefix, find_parent_imports, prefix_of, specific_base
 from splice.modular.rename import ParentView
-from splice.modular.resolve import load_index, package_of, parse_file, read_source
+from splice.modular.resolve import find_all, load_index, package_of, parse_file, read_source
 from splice.modular.split import FILE_TYPE_ORDER, MODULAR_NAME, file_type, output_name, split_all
 
 logger = logging.getLogger("splice.modular")
@@ -252,7 +251,9 @@ class Conversion:
 
     def _place_hook(self, definition: Definition) -> None:
         """A module ``__getattr__`` goes with the classes it names (it serves their old names)."""
-        named = [s.evaluated_value for s in m.findall(definition.node, m.SimpleString())]
+        named = [
+            s.evaluated_value for s in find_all(definition.node, lambda n: isinstance(n, cst.SimpleString))
+        ]
         named += sorted(self.index.uses(definition.name), key=lambda n: self._order(n, None))
         kinds = [
             file_type(n, self.cased_name)

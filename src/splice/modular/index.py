@@ -197,12 +197,13 @@ class ModuleIndex:
         return index
 
     @classmethod
-    def from_source(cls, source: str, origin: str = "") -> ModuleIndex:
-        """Index a parent file from its text: libcst parses each definition on first use only."""
+    def from_source(cls, source: str, origin: str = "", tree: ast.Module | None = None) -> ModuleIndex:
+        """Index a parent file from its text (and its ``ast`` parse, if done): libcst parses each definition
+        on first use only."""
         index = cls(origin)
         lines = source.splitlines(keepends=True)
         import_texts: list[str] = []
-        for position, node in enumerate(ast.parse(source).body):
+        for position, node in enumerate((tree or ast.parse(source)).body):
             start = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", ()))])
             while start > 1 and lines[start - 2].lstrip().startswith("#"):
                 start -= 1  # comments right above belong to the definition

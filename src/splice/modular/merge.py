@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import libcst as cst
-from libcst import matchers as m
 
 from splice.modular.names import NameSwap
 from splice.modular.rename import rename_node
-from splice.modular.resolve import dotted_name
+from splice.modular.resolve import dotted_name, find_all
 from splice.modular.supercalls import (
     as_block,
     code,
@@ -67,8 +66,16 @@ def _removes_attribute(statement: cst.CSTNode) -> bool:
     return isinstance(value, cst.Call) and dotted_name(value.func) == "AttributeError"
 
 
-def _super_call(name: str) -> m.Call:
-    return m.Call(func=m.Attribute(value=m.Call(func=m.Name("super"), args=()), attr=m.Name(name)))
+def _is_super_call(node: cst.CSTNode, name: str) -> bool:
+    """``super().name(...)``."""
+    if (
+        not isinstance(node, cst.Call)
+        or not isinstance(node.func, cst.Attribute)
+        or node.func.attr.value != name
+    ):
+        return False
+    inner = node.func.value
+    return isinstance(inner, cst.Call) and not inner.args and dotted_name(inner.func) == "super"
 
 
 def _is_placeholder(statement: cst.CSTNode) -> bool:
@@ -187,7 +194,7 @@ def merge_class(
 def _override(parent: cst.FunctionDef, child: cst.FunctionDef, note, explicit_calls) -> cst.FunctionDef:
     name = child.name.value
     if not any(super_call_name(s) == name for s in statements_of(child.body)):
-        for call in m.findall(child.body, _super_call(name)):
+        for call in find_all(child.body, lambda node: _is_super_call(node, name)):
             note(
                 call,
                 f"super().{name}(...) is not a statement of its own, so it cannot be replaced by the "

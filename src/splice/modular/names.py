@@ -14,6 +14,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from splice.modular.resolve import check_source, read_source
+
 # Files that may hold the model-type -> config-class table, relative to a `models/` folder.
 _MAPPING_FILES = ("auto/auto_mappings.py", "auto/configuration_auto.py")
 
@@ -26,7 +28,7 @@ def config_mapping(models_dir: Path) -> dict[str, str]:
         path = models_dir / relative
         if not path.is_file():
             continue
-        tree = ast.parse(path.read_text(encoding="utf-8"))
+        tree = check_source(read_source(path), path)
         for statement in tree.body:
             if "CONFIG_MAPPING_NAMES" not in ast.unparse(statement)[:200]:
                 continue

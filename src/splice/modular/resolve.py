@@ -12,8 +12,11 @@ import ast
 import functools
 import importlib.machinery
 import importlib.util
+import io
 import re
 import sys
+import tokenize
+from collections.abc import Callable
 from pathlib import Path
 
 import libcst as cst
@@ -135,10 +138,7 @@ def _index_cached(path: Path, mtime_ns: int):
     from splice.modular.index import ModuleIndex
 
     source = read_source(path)
-    try:
-        return ModuleIndex.from_source(source, str(path))
-    except SyntaxError as exc:
-        raise ModularError(f"not valid Python: {exc.msg}", path, exc.lineno) from None
+    return ModuleIndex.from_source(source, str(path), check_source(source, path))
 
 
 def load_index(path: Path):
@@ -147,16 +147,115 @@ def load_index(path: Path):
     return _index_cached(path, path.stat().st_mtime_ns)
 
 
+MAX_NESTING = 100
+"""Deepest syntax tree `splice modular` parses. Code in transformers nests at most ~25 levels; libcst's
+parser crashes the process on 5,000 nested parentheses and takes seconds per thousand chained calls."""
+
+
+def check_source(source: str, path: Path | str, *, newer_syntax: bool = False) -> ast.Module | None:
+    """CPython's parse of ``source``, refusing what libcst cannot parse safely, as a `ModularError` at file:line.
+
+    ``ast`` rejects pathological nesting cleanly (a SyntaxError, RecursionError or MemoryError), where
+    libcst's native parser can overflow its stack and kill the process; what ``ast`` accepts is then
+    refused past ``MAX_NESTING`` levels, so no input reaches libcst that can crash it or stall it.
+    With ``newer_syntax``, a file this Python cannot parse (``class X[T]`` before 3.12; libcst can) gives
+    None once its tokens show nothing libcst could choke on: no bracket nested past ``MAX_NESTING``, no
+    statement longer than ``20 * MAX_NESTING`` tokens.
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        if newer_syntax and "too many" not in exc.msg:  # CPython's "too many nested parentheses", ...
+            _check_tokens(source, path)
+            return None
+        raise ModularError(f"not valid Python: {exc.msg}", path, exc.lineno) from None
+    except (RecursionError, MemoryError):
+        raise ModularError(
+            f"nested too deeply for Python's parser; splice modular refuses code nested more than {MAX_NESTING} "
+            "levels deep: split the expression",
+            path,
+            _token_shape(source)[0],
+        ) from None
+    except ValueError as exc:  # null bytes
+        raise ModularError(f"not valid Python: {exc}", path) from None
+    stack: list[tuple[ast.AST, int]] = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise ModularError(
+                f"nested more than {MAX_NESTING} levels deep; splice modular refuses such code (libcst cannot "
+                "parse it safely): split the expression",
+                path,
+                getattr(node, "lineno", None),
+            )
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return tree
+
+
+def _check_tokens(source: str, path: Path | str) -> None:
+    longest_at, longest, deepest_at, deepest = _token_shape(source)
+    if deepest > MAX_NESTING:
+        raise ModularError(f"brackets nested more than {MAX_NESTING} levels deep", path, deepest_at)
+    if longest > 20 * MAX_NESTING:
+        raise ModularError(
+            f"a statement of {longest} tokens, in syntax this Python cannot check; split it", path, longest_at
+        )
+
+
+def _token_shape(source: str) -> tuple[int | None, int, int | None, int]:
+    """``(first line of the statement with the most tokens, its token count, line of the deepest bracket,
+    its depth)``: where Python's parser ran out of stack, which it does not say."""
+    longest_at, longest, deepest_at, deepest = None, 0, None, 0
+    count, line, depth = 0, 1, 0
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
+                if count > longest:
+                    longest_at, longest = line, count
+                count, line = 0, token.end[0] + 1
+            elif token.type not in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
+                count += 1
+                if token.string in ("(", "[", "{"):
+                    depth += 1
+                    if depth > deepest:
+                        deepest_at, deepest = token.start[0], depth
+                elif token.string in (")", "]", "}"):
+                    depth -= 1
+    except (tokenize.TokenError, SyntaxError):
+        pass
+    return longest_at, longest, deepest_at, deepest
+
+
 def parse_source(source: str, path: Path | str) -> cst.Module:
+    tree = check_source(source, path, newer_syntax=True)
     try:
         return cst.parse_module(source)
     except cst.ParserSyntaxError as exc:
         line, reason = exc.raw_line, exc.message
-        try:  # CPython's own message is the one people know
-            ast.parse(source)
-        except SyntaxError as syntax:
-            line, reason = syntax.lineno or line, syntax.msg
+        if tree is None:  # CPython's own message is the one people know
+            try:
+                ast.parse(source)
+            except SyntaxError as syntax:
+                line, reason = syntax.lineno or line, syntax.msg
         raise ModularError(f"not valid Python: {reason}", path, line) from None
+
+
+def find_all(node: cst.CSTNode, wanted: Callable[[cst.CSTNode], bool]) -> list[cst.CSTNode]:
+    """Every node under ``node`` (itself included) that ``wanted`` accepts, in source order.
+
+    What ``libcst.matchers.findall`` does for the few shapes the converter looks for, without importing
+    ``libcst.matchers`` (0.3-0.8 s per process, more than the rest of a conversion).
+    """
+    found: list[cst.CSTNode] = []
+
+    class _Find(cst.CSTVisitor):
+        def on_visit(self, child: cst.CSTNode) -> bool:
+            if wanted(child):
+                found.append(child)
+            return True
+
+    node.visit(_Find())
+    return found
 
 
 def dotted_name(node: cst.BaseExpression | None) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +26,9 @@ import torch
 
 from splice.checkpoint import DTYPE_OF_TAG, TAG_OF_DTYPE, CheckpointReader, CheckpointWriter
 from splice.checkpoint.atomic import refuse_foreign_dir
+from splice.checkpoint.paths import copy_side_files, member
 from splice.errors import CheckpointError, WeightMapError
+from splice.growth import check_step
 from splice.parallel.layout import Read, local_reads, traceable
 from splice.parallel.metadata import read_metadata
 from splice.parallel.shards import METADATA_NAME, RANK_KEY, WORLD_KEY
@@ -73,7 +74,7 @@ def consolidate(
         writer_args, more = _like_source(document.get("source") or {}, produced)
         warnings += more
         with CheckpointWriter(out, **writer_args) as writer:
-            _copy_other_files(shards_dir, writer.staging_dir, document)
+            _copy_other_files(shards_dir, writer.staging_dir, document, warnings)
             total = sum(m.nbytes for m in produced.values())
             with _progress_bar(progress, total, f"{shards_dir.name} -> {out.name}") as advance:
                 for step in steps:
@@ -121,7 +122,30 @@ def _plan(
     stray = [k for k in tensors if k not in made]
     if stray:
         raise CheckpointError(f"{where}: its weight_map produces no {stray[:3]}, which the shards hold")
+    for step in steps:
+        _check_source_shapes(step, recorded, tensors, str(where))
     return steps, recorded
+
+
+def _check_source_shapes(
+    step: Step, recorded: dict[str, TensorMeta], tensors: dict[str, _Tensor], where: str
+) -> None:
+    """The step's ops, run backwards on the shards' shapes, make the recorded source shapes, within the growth bound.
+
+    The shapes of the TP-global tensors are checked against the shard files; the source's are only
+    recorded, so they are allocated only once the map is seen to produce them from what the files hold.
+    """
+    globals_ = tuple(tensors[t].meta for t in step.targets)
+    try:
+        made = check_step(step.inverted(), globals_, where)
+    except WeightMapError as exc:
+        raise CheckpointError(str(exc)) from None
+    for key, meta in zip(step.sources, made):
+        if meta.shape != recorded[key].shape:
+            raise CheckpointError(
+                f"{where}: source.tensors records {key} as {list(recorded[key].shape)}, but its weight_map makes "
+                f"{list(meta.shape)} out of the shards' {', '.join(map(str, globals_))}"
+            )
 
 
 def _rebuild(
@@ -241,8 +265,12 @@ def open_shards(
     world, files = document["world_size"], document["files"]
     if len(files) != world:
         raise CheckpointError(f"{shards_dir / METADATA_NAME}: lists {len(files)} files for {world} ranks")
-    for rank, name in enumerate(files):
-        if not (shards_dir / name).is_file():
+    where = str(shards_dir / METADATA_NAME)
+    paths = [
+        member(shards_dir, name, where, f"the shard file of rank {rank}") for rank, name in enumerate(files)
+    ]
+    for rank, (name, path) in enumerate(zip(files, paths)):
+        if not path.is_file():
             raise CheckpointError(f"{shards_dir}: shard {name} (rank {rank} of {world}) is missing")
     extra = sorted(p.name for p in shards_dir.glob("*.safetensors") if p.name not in files)
     if extra:
@@ -251,8 +279,8 @@ def open_shards(
         )
     readers: list[CheckpointReader] = []
     try:
-        for rank, name in enumerate(files):
-            reader = CheckpointReader(shards_dir / name)
+        for rank, (name, path) in enumerate(zip(files, paths)):
+            reader = CheckpointReader(path)
             readers.append(reader)
             meta = reader.metadata
             if meta.get(RANK_KEY) != str(rank) or meta.get(WORLD_KEY) != str(world):
@@ -343,17 +371,12 @@ def _like_source(source: dict[str, Any], produced: dict[str, TensorMeta]) -> tup
     return {**args, "metas": metas or dict(produced), "shards": files or None}, warnings
 
 
-def _copy_other_files(shards_dir: Path, staging: Path, document: dict[str, Any]) -> None:
+def _copy_other_files(shards_dir: Path, staging: Path, document: dict[str, Any], warnings: list[str]) -> None:
+    """The shards directory's config and tokenizer files; links out of it are skipped (`copy_side_files`)."""
     skip = set(document["files"]) | {METADATA_NAME}
-    for path in sorted(shards_dir.iterdir()):
-        if (
-            path.name in skip
-            or path.name.startswith(".")
-            or not path.is_file()
-            or path.suffix == ".safetensors"
-        ):
-            continue
-        shutil.copyfile(path, staging / path.name)
+    copy_side_files(
+        shards_dir, staging, lambda name: name in skip or name.endswith(".safetensors"), warnings.append
+    )
 
 
 def _refuse_overlap(shards_dir: Path, out: Path) -> None:

@@ -30,8 +30,10 @@ def read_metadata(shards_dir: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{shards_dir}: no {METADATA_NAME}; it is not a directory written by splice.parallel.save_shards"
         ) from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CheckpointError(f"{path}: unreadable: {exc}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: unreadable: JSON nested too deeply") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT or document.get("version") != 1:
         raise CheckpointError(f"{path}: not a {FORMAT} version 1 document")
     for name in ("world_size", "files", "tensors", "weight_map"):

@@ -26,7 +26,7 @@ from torch import nn
 
 from splice.checkpoint import DTYPE_OF_TAG
 from splice.errors import FusionError
-from splice.fusion.surgery import get_state
+from splice.fusion.surgery import get_state, require_module
 from splice.fusion.surgery import original_state_dict as _plain_original_state_dict
 from splice.parallel.layout import local_reads, traceable
 from splice.transforms import TensorMeta
@@ -54,6 +54,7 @@ def original_state_dict(
     ``HuggingFaceStorageReader`` for the Hugging Face format). No collective runs and nothing is
     gathered. Otherwise it is :func:`splice.fusion.original_state_dict`.
     """
+    require_module(model, "splice.original_state_dict")
     runtime = model.state_dict(keep_vars=True) if state_dict is None else state_dict
     if not is_sharded(runtime):
         return _plain_original_state_dict(model, state_dict)

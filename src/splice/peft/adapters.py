@@ -391,7 +391,7 @@ def _read(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         header = f.metadata() or {}
     try:
         metadata = json.loads(header.get(METADATA_KEY, "{}"))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         metadata = {}  # someone else's metadata under our key: load the adapter as a vanilla one
     return load_file(str(path)), metadata
 

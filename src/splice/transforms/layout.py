@@ -118,6 +118,10 @@ class Stack(Op):
         return list(torch.unbind(output, self.dim))
 
 
+MAX_UNSTACKED = 65536
+"""Most tensors one unstack makes (experts of a MoE layer number in the hundreds)."""
+
+
 @dataclass(frozen=True)
 class Unstack(Op):
     """Split one tensor into its slices along ``dim`` (removing that dim). Returns views."""
@@ -128,7 +132,10 @@ class Unstack(Op):
     def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         self._expect_count(tensors, 1)
         [x] = tensors
-        return list(torch.unbind(x, self._dim(self.dim, x.dim())))
+        dim = self._dim(self.dim, x.dim())
+        if x.shape[dim] > MAX_UNSTACKED:  # an empty [10**8, 0] tensor costs a file nothing, and 10**8 outputs
+            raise self._fail(f"would make {x.shape[dim]} tensors, more than the {MAX_UNSTACKED} allowed")
+        return list(torch.unbind(x, dim))
 
     def inverted(self) -> Stack:
         return Stack(self.dim)
