@@ -130,7 +130,10 @@ def test_fusing_a_family_again_needs_the_same_options():
     assert get_state(model).config == {"qkv": {"modules": r"layers\.0\."}}
 
     # fusing the same family again with the same options fuses nothing new: every module it claims is fused
-    with pytest.raises(FusionError, match=r"^'qkv': found no"):
+    with pytest.raises(
+        FusionError,
+        match=r"^'qkv' is already fused in this model \(1 module\(s\), e.g. model.layers.0.self_attn\) and nothing is left to fuse",
+    ):
         splice.fuse(model, {"qkv": {"modules": r"layers\.0\."}})
 
 
