@@ -54,6 +54,7 @@ def build(path: Path, variant: str, device: str):
     from transformers import AutoModelForCausalLM
 
     import splice
+    from splice.demo import add_kernels
     from splice.fusion import forwards
 
     if variant == "unfused":
@@ -67,11 +68,7 @@ def build(path: Path, variant: str, device: str):
             if forwards.installed(module):
                 forwards.remove(module, module.forward)
     if variant == "fused+kernels":
-        splice.fuse(model, ["norm_mlp"])
-        splice.kernels.use_kernel(model, "rms_norm_gated_mlp")
-        splice.fuse_modules(
-            model, ["model.layers.*.input_layernorm", "model.layers.*.self_attn"], kernel="rms_norm_attention"
-        )
+        add_kernels(model)
     return model.to(device).eval().requires_grad_(False), torch
 
 
@@ -119,26 +116,6 @@ def report(
         print(line)
 
 
-def count_ops(model, *args, **kwargs) -> tuple[int, int]:
-    """(aten ops, GEMMs) dispatched by one call, below autograd: what the CPU actually launches."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    gemms = ("mm", "addmm", "bmm", "baddbmm", "linear")
-
-    class Count(TorchDispatchMode):
-        ops = 0
-        gemm = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.ops += 1
-            Count.gemm += func.__name__.split(".")[0] in gemms
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        model(*args, **kwargs)
-    return Count.ops, Count.gemm
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -153,6 +130,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+
+    from splice.demo import count_ops
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is available here")
