@@ -176,6 +176,19 @@ def test_unfuse_restores_the_forward_and_nothing_else_changes():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
 
 
+def test_phi3_ships_fused_projections_and_keeps_its_forward():
+    """Phi-3's own forward already runs one qkv_proj and one gate_up_proj: nothing to swap, even when split."""
+    model = tiny.causal_lm("phi3")
+    ref = copy.deepcopy(model)
+    with pytest.raises(splice.FusionError, match="'qkv': found no modules with nn.Linear children"):
+        splice.fuse(model, ["qkv"])
+    splice.fuse(model, ["qkv_split"])
+    assert not swapped(model)
+    ids = tiny.token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=1e-5)
+
+
 def test_unrecognized_forward_keeps_the_slices():
     class MyAttention(T.models.llama.modeling_llama.LlamaAttention):
         def forward(self, hidden_states, **kwargs):  # not a forward splice knows
