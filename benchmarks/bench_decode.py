@@ -79,6 +79,9 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time
+
+
 def interleave(repeats: int, runs: dict, device: str) -> dict[str, list[float]]:
     """Seconds per run of every variant, one run each per round, in a shuffled order after the first round."""
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -88,10 +91,10 @@ def interleave(repeats: int, runs: dict, device: str) -> dict[str, list[float]]:
             random.Random(round_).shuffle(order)
         for name in order:
             synchronize(device)
-            start = time.perf_counter()
+            start = CLOCK()
             runs[name]()
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(CLOCK() - start)
     return times
 
 
@@ -127,7 +130,15 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: this process's CPU time (with --threads 1, excludes waiting for other processes on a busy machine)",
+    )
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
 
     import torch
 
@@ -141,7 +152,7 @@ def main() -> None:
     path = llama_checkpoint(args.workdir, shape, max_shard_size="200MB")
     print(
         f"checkpoint: {path} ({shape.parameters / 1e6:.0f}M parameters, fp32) on {args.device}"
-        f" ({torch.get_num_threads()} threads); best of {args.repeats} interleaved rounds"
+        f" ({torch.get_num_threads()} threads); best of {args.repeats} interleaved rounds, {args.clock} clock"
     )
     models = {name: build(path, name, args.device)[0] for name in EAGER}
     device = args.device

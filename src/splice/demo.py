@@ -200,7 +200,7 @@ def count_ops(fn, *args, **kwargs) -> tuple[int, int]:
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             Count.ops += 1
-            Count.gemms += func.__name__.split(".")[0] in ("mm", "addmm", "bmm", "baddbmm")
+            Count.gemms += func.__name__.split(".")[0] in ("linear", "mm", "addmm", "bmm", "baddbmm")
             return func(*args, **(kwargs or {}))
 
     with Count():
