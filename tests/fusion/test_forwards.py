@@ -87,6 +87,14 @@ def test_fused_forward_is_exact(kind, impl):
     assert torch.equal(generate(model, prompt, **static), generate(ref, prompt, **static))
 
 
+def test_rotary_embedding_of_q_and_k_runs_as_one_where_there_is_no_qk_norm():
+    """The joint rotation is the default path, so the exactness tests above cover it; q/k norms keep them apart."""
+    for kind in MODELS:
+        _, model = fused_pair(kind)
+        attention = next(m for m in model.modules() if forwards.installed(m) and hasattr(m, "qkv_proj"))
+        assert attention.forward.args[0].rotate_qk_together is (kind not in ("qwen3", "gemma3")), kind
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma2", "gemma3"])
 def test_output_attentions(kind):
     ref, model = fused_pair(kind, "eager")

@@ -46,34 +46,32 @@ from splice.fusion.linear import LinearSlice, _global_hooks
 class AttentionKind:
     """How one recognized attention forward differs from Llama's (the rest is line for line the same)."""
 
-    sliding_window: str | None = (
-        None  # "config": getattr(config, "sliding_window", None); "attribute": self.sliding_window
-    )
-    softcap: bool = False  # passes softcap=self.attn_logit_softcapping (Gemma 2)
-    qk_norm: str | None = (
-        None  # "heads": q_norm on [b, s, h, d] (Qwen3); "transposed": on [b, h, s, d] (Gemma 3)
-    )
-    passes_position_ids: bool = False  # Qwen2-VL's text attention: position_ids=position_ids, even when None
-    rotate_qk_together: bool = (
-        False  # set at install: no q/k norm, and the module's rotary embedding is the known one
-    )
+    sliding_window: str | None = None
+    """Passed on as ``sliding_window=``: "config" (``getattr(config, "sliding_window", None)``), "attribute"."""
+    softcap: bool = False
+    """Passes ``softcap=self.attn_logit_softcapping`` (Gemma 2)."""
+    qk_norm: str | None = None
+    """"heads": q_norm/k_norm on ``[b, s, h, d]`` (Qwen3); "transposed": on ``[b, h, s, d]`` (Gemma 3)."""
+    passes_position_ids: bool = False
+    """Passes ``position_ids=position_ids``, even when None (Qwen2-VL's text attention)."""
+    rotate_qk_together: bool = False
+    """Set at install: no q/k norm and the module's rotary embedding is the known one, so q and k rotate as one."""
 
 
 # fingerprints (see `fingerprint`) of transformers forwards, taken from transformers 5.23
 ATTENTION: dict[str, AttentionKind] = {
-    "d966ed3c54c397d6": AttentionKind(),  # LlamaAttention, GemmaAttention (and Llava's text model)
-    "7463a4b3777e3d0d": AttentionKind(sliding_window="config"),  # MistralAttention
-    "fd09dc3d5ecf763c": AttentionKind(sliding_window="attribute"),  # Qwen2Attention
-    "73d3f74864cd2c92": AttentionKind(sliding_window="attribute", qk_norm="heads"),  # Qwen3Attention
-    "55fbf23b637f67e5": AttentionKind(sliding_window="attribute", softcap=True),  # Gemma2Attention
-    "37771220aaffef1a": AttentionKind(sliding_window="attribute", qk_norm="transposed"),  # Gemma3Attention
-    "b9d0968d7b4f6324": AttentionKind(
-        sliding_window="attribute", passes_position_ids=True
-    ),  # Qwen2VL/Qwen2_5_VLAttention
+    "865d17a1b6edd273": AttentionKind(),  # LlamaAttention, GemmaAttention (and Llava's text model)
+    "38eb7a675fc00c3f": AttentionKind(sliding_window="config"),  # MistralAttention
+    "467d2e0bba2fd378": AttentionKind(sliding_window="attribute"),  # Qwen2Attention
+    "e0b15d778eecc3a8": AttentionKind(sliding_window="attribute", qk_norm="heads"),  # Qwen3Attention
+    "c2f961b6c924f7c8": AttentionKind(sliding_window="attribute", softcap=True),  # Gemma2Attention
+    "fd49946edd271563": AttentionKind(sliding_window="attribute", qk_norm="transposed"),  # Gemma3Attention
+    # Qwen2VLAttention, Qwen2_5_VLAttention
+    "d9335a51e0fe34c7": AttentionKind(sliding_window="attribute", passes_position_ids=True),
 }
-MLP: frozenset[str] = frozenset({"52d009c1a53450d8"})  # down_proj(act_fn(gate_proj(x)) * up_proj(x))
-ROPE = "b9833c77382624e4"  # apply_rotary_pos_emb: q * cos + rotate_half(q) * sin, the same for k
-ROTATE_HALF = "e3672a39802de532"  # rotate_half: cat((-x2, x1), -1)
+MLP: frozenset[str] = frozenset({"7d2027d4464e3e71"})  # down_proj(act_fn(gate_proj(x)) * up_proj(x))
+ROPE = "f0e978aab1df6bb0"  # apply_rotary_pos_emb: q * cos + rotate_half(q) * sin, the same for k
+ROTATE_HALF = "7b6c9b425ca04287"  # rotate_half: cat((-x2, x1), -1)
 
 QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
@@ -99,7 +97,8 @@ def fingerprint(function: Callable[..., Any]) -> str | None:
                 node.body = body[1:] or [ast.Pass()]
         elif isinstance(node, ast.arg):
             node.annotation = None
-    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]
+    # unparsed source, not ast.dump: the dump gains fields across Python versions (type_params in 3.12)
+    return hashlib.sha256(ast.unparse(tree).encode()).hexdigest()[:16]
 
 
 def recognize(module: nn.Module) -> Callable[..., Any] | None:
