@@ -28,6 +28,7 @@ from torch import nn
 
 from splice.errors import FusionError
 from splice.fusion.chain import FusedChain
+from splice.fusion.forwards import fingerprint
 from splice.fusion.linear import LinearSlice
 
 Kernel = Callable[..., Any]
@@ -114,11 +115,16 @@ def use_kernel(
 # built-in kernels
 
 
+RMS_NORM = (
+    "9635bcd843f309a0"  # LlamaRMSNorm.forward (Mistral, Qwen2, Qwen3 share it), by forwards.fingerprint
+)
+
+
 def _rms_norm_like(module: nn.Module) -> bool:
-    # Llama-style RMSNorm: weight * normalize(x.float()).to(dtype); Gemma's (1 + weight) variant is excluded
+    # Llama's RMSNorm, proven by its forward's source: weight * normalize(x.float()).to(dtype). Gemma's
+    # (1 + weight) variant, or a norm that merely has the name, runs its own forward.
     return (
-        type(module).__name__.endswith("RMSNorm")
-        and "gemma" not in type(module).__name__.lower()
+        fingerprint(type(module).forward) == RMS_NORM
         and isinstance(getattr(module, "weight", None), torch.Tensor)
         and isinstance(getattr(module, "variance_epsilon", None), float)
     )

@@ -349,3 +349,15 @@ def test_compiled_fused_model_has_no_graph_break_and_no_recompile():
     finally:
         torch._dynamo.config.error_on_recompile = False
         torch._dynamo.reset()
+
+
+def test_norm_kernels_refuse_a_norm_they_do_not_know():
+    """Gemma's RMSNorm scales by (1 + weight): a different forward, so the Llama RMSNorm kernel refuses it."""
+    model = tiny.causal_lm("gemma")
+    globs = ["model.layers.*.input_layernorm", "model.layers.*.self_attn"]
+    with pytest.raises(
+        splice.FusionError,
+        match=r"kernel 'rms_norm_attention' cannot run the fused chain at model\.layers\.0\.self_attn "
+        r"\(input_layernorm\+self_attn\)",
+    ):
+        splice.fuse_modules(model, globs, kernel="rms_norm_attention")
