@@ -119,6 +119,36 @@ def report(
         print(line)
 
 
+def python_calls(model, *args, **kwargs) -> int:
+    """Python function calls (and builtins called from Python) in one call: the interpreter's share of a step."""
+    calls = 0
+
+    def profile(frame, event, arg):
+        nonlocal calls
+        calls += event in ("call", "c_call")
+
+    sys.setprofile(profile)
+    try:
+        model(*args, **kwargs)
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second this process's torch threads read from memory (best of ``repeats``)."""
+    import torch
+
+    buffer = torch.ones(megabytes * 2**20 // 4)
+    buffer.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 4 / best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -167,15 +197,29 @@ def main() -> None:
             out = model(prompt)
             step = out.logits[:, -1:].argmax(-1)
             ops[name] = count_ops(model, step, past_key_values=out.past_key_values)
+            out = model(prompt)
+            ops[name] += (python_calls(model, step, past_key_values=out.past_key_values),)
         decode = interleave(
             args.repeats, {n: lambda m=m: m.generate(prompt, **greedy) for n, m in models.items()}, device
         )
     report(f"decode, batch 1, {args.tokens} tokens, eager", decode, args.tokens, "tokens/s")
     for name in models:
         same = "same tokens" if tokens[name] == tokens["unfused"] else "DIFFERENT TOKENS"
-        n_ops, n_gemm = ops[name]
+        n_ops, n_gemm, n_calls = ops[name]
         print(
-            f"  {name:22s} {n_ops:5d} aten ops/step ({n_ops / ops['unfused'][0]:.2f}x), {n_gemm} GEMMs, {same}"
+            f"  {name:22s} {n_ops:5d} aten ops/step ({n_ops / ops['unfused'][0]:.2f}x), {n_gemm} GEMMs, "
+            f"{n_calls} Python calls/step ({n_calls / ops['unfused'][2]:.2f}x), {same}"
+        )
+    if device == "cpu":
+        bandwidth = read_bandwidth()
+        weight_bytes = 4 * (
+            shape.parameters - shape.vocab_size * shape.hidden_size
+        )  # embedding: a row lookup
+        ceiling = bandwidth / weight_bytes
+        best = max(args.tokens / min(t) for t in decode.values())
+        print(
+            f"  memory-bandwidth ceiling {ceiling:.1f} tokens/s ({bandwidth / 1e9:.1f} GB/s read now, "
+            f"{weight_bytes / 1e6:.0f} MB of weights per token); best variant at {best / ceiling:.0%} of it"
         )
 
     # -- batch-8 prefill ----------------------------------------------------------------------------
