@@ -1,25 +1,39 @@
-"""Batch-1 greedy decoding with a KV cache on CPU: unfused eager vs splice fused, side by side.
+"""Decoding, prefill and a training step: unfused transformers vs splice fused, side by side in one process.
 
-    python benchmarks/bench_decode.py [--workdir bench-out] [--size small|340m] [--tokens 64] [--repeats 3]
+    python benchmarks/bench_decode.py [--workdir bench-out] [--size small|340m] [--tokens 64] [--repeats 5]
+                                      [--device cpu|cuda] [--threads N] [--skip-compile]
 
-Variants (each in a fresh process, same weights, same prompt, identical tokens checked):
-- transformers, unfused, eager
-- splice fused qkv + gate_up
-- splice fused qkv + gate_up + norm_mlp with the rms_norm_gated_mlp kernel
-- splice fused qkv + gate_up + norm_mlp with the `compiled` kernel (torch.compile per norm+MLP chain)
-- transformers unfused under torch.compile (if it compiles on this machine), and splice fused under it
-Target: fused >= 1.1x unfused eager tokens/s.
+Every variant is built from the same checkpoint and timed in the same process, round after round in a
+shuffled order (interleaved: noise from other processes spreads over all of them). Each row prints the
+best and the median of the rounds, the spread (max/min - 1), and the ratio of bests to the unfused model.
+
+Variants:
+- ``unfused``: transformers as it loads.
+- ``fused slices``: splice's qkv + gate_up layout, the modules' own forwards reaching the fused GEMM
+  through the pass-through slices (what fusion did before fused forwards).
+- ``fused``: the same layout with fused forwards (one qkv_proj call, one gate_up_proj call per layer).
+- ``fused+kernels``: also norm + attention and norm + MLP chains with the rms_norm_attention and
+  rms_norm_gated_mlp kernels (`splice.kernels`).
+
+Sections: batch-1 greedy decoding with a KV cache (tokens/s, aten ops and GEMMs per step, tokens
+checked identical), batch-8 prefill (tokens/s), one training step (forward + backward + SGD on batch 4),
+and ``torch.compile`` of the whole model, unfused vs fused (+kernels). ``--device cuda`` runs on a GPU
+(timings synchronized), and adds the compiled rows with ``mode="reduce-overhead"`` (CUDA graphs) and a
+static cache. Targets (CPU, eager, batch 1): fused decode >= 1.10x unfused tokens/s, ops per step <= 0.7x.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import LlamaShape, llama_checkpoint, measure, median_of  # noqa: E402
+from _common import LlamaShape, llama_checkpoint  # noqa: E402
 
 SIZES = {
     "small": LlamaShape(
@@ -32,46 +46,97 @@ SIZES = {
     ),
     "340m": LlamaShape(),
 }
+EAGER = ("unfused", "fused slices", "fused", "fused+kernels")
 
 
-def decode(path: str, variant: str, tokens: int) -> dict:
-    import time
-
+def build(path: Path, variant: str, device: str):
     import torch
     from transformers import AutoModelForCausalLM
 
     import splice
+    from splice.demo import add_kernels
+    from splice.fusion import forwards
 
     if variant == "unfused":
         model = AutoModelForCausalLM.from_pretrained(path)
-    elif variant == "compiled":
-        model = AutoModelForCausalLM.from_pretrained(path)
-        model.forward = torch.compile(model.forward, dynamic=True)
     else:
-        fusion = {"qkv": True, "gate_up": True}
-        if variant.startswith("fused+norm_mlp"):
-            fusion["norm_mlp"] = True
-        model = splice.from_pretrained(AutoModelForCausalLM, path, fusion_config=fusion)
-        if variant == "fused+norm_mlp":
-            splice.kernels.use_kernel(model, "rms_norm_gated_mlp")
-        if variant == "fused+norm_mlp+compiled":
-            splice.kernels.use_kernel(model, "compiled")
-        if variant == "fused+compiled":
-            model.forward = torch.compile(model.forward, dynamic=True)
-    prompt = torch.arange(3, 19).unsqueeze(0)
-    kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-    with torch.inference_mode():
-        model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up (and compile)
-        start = time.perf_counter()
-        out = model.generate(prompt, **kwargs)
-        seconds = time.perf_counter() - start
-    return {"tokens_per_s": tokens / seconds, "tokens": out[0, -tokens:].tolist()}
+        model = splice.from_pretrained(
+            AutoModelForCausalLM, path, fusion_config={"qkv": True, "gate_up": True}
+        )
+    if variant == "fused slices":
+        for module in model.modules():
+            if forwards.installed(module):
+                forwards.remove(module, module.forward)
+    if variant == "fused+kernels":
+        add_kernels(model)
+    return model.to(device).eval().requires_grad_(False), torch
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+CLOCK = time.perf_counter  # --clock cpu: time.process_time
+
+
+def interleave(repeats: int, runs: dict, device: str) -> dict[str, list[float]]:
+    """Seconds per run of every variant, one run each per round, in a shuffled order after the first round."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for round_ in range(repeats):
+        if round_:
+            random.Random(round_).shuffle(order)
+        for name in order:
+            synchronize(device)
+            start = CLOCK()
+            runs[name]()
+            synchronize(device)
+            times[name].append(CLOCK() - start)
+    return times
+
+
+def report(
+    title: str, times: dict[str, list[float]], work: float, unit: str, higher_is_better: bool = True
+) -> None:
+    print(f"\n{title}")
+    base = min(times["unfused"]) if "unfused" in times else None
+    for name, seconds in times.items():
+        best, median = min(seconds), statistics.median(seconds)
+        spread = max(seconds) / best - 1
+        if higher_is_better:
+            line = (
+                f"  {name:22s} {work / best:9.1f} {unit} (median {work / median:.1f}, spread {spread:4.0%})"
+            )
+        else:
+            line = (
+                f"  {name:22s} {best * 1e3:9.1f} ms/{unit} (median {median * 1e3:.1f}, spread {spread:4.0%})"
+            )
+        if base is not None:
+            line += f"  {base / best:5.2f}x unfused"
+        print(line)
+
+
+def python_calls(model, *args, **kwargs) -> int:
+    """Python function calls (and builtins called from Python) in one call: the interpreter's share of a step."""
+    calls = 0
+
+    def profile(frame, event, arg):
+        nonlocal calls
+        calls += event in ("call", "c_call")
+
+    sys.setprofile(profile)
+    try:
+        model(*args, **kwargs)
+    finally:
+        sys.setprofile(None)
+    return calls
 
 
 def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
-    """Bytes per second that this process's torch threads read from memory (best of ``repeats``)."""
-    import time
-
+    """Bytes per second this process's torch threads read from memory (best of ``repeats``)."""
     import torch
 
     buffer = torch.ones(megabytes * 2**20 // 4)
@@ -91,51 +156,144 @@ def main() -> None:
     parser.add_argument("--workdir", default="bench-out")
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: this process's CPU time (with --threads 1, excludes waiting for other processes on a busy machine)",
+    )
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+
+    import torch
+
+    from splice.demo import count_ops
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shape = SIZES[args.size]
     path = llama_checkpoint(args.workdir, shape, max_shard_size="200MB")
     print(
-        f"checkpoint: {path} ({shape.parameters / 1e6:.0f}M parameters, fp32); {args.tokens} tokens, batch 1, median of {args.repeats}"
+        f"checkpoint: {path} ({shape.parameters / 1e6:.0f}M parameters, fp32) on {args.device}"
+        f" ({torch.get_num_threads()} threads); best of {args.repeats} interleaved rounds, {args.clock} clock"
     )
-    results, reference = {}, None
-    for variant in (
-        "unfused",
-        "fused",
-        "fused+norm_mlp",
-        "fused+norm_mlp+compiled",
-        "compiled",
-        "fused+compiled",
-    ):
-        try:
-            m, _ = median_of(
-                args.repeats,
-                lambda v=variant: measure(
-                    "bench_decode:decode", path=str(path), variant=v, tokens=args.tokens
-                ),
-            )
-        except RuntimeError as exc:
-            print(f"  {variant:24s} did not run: {str(exc).splitlines()[-1][:160]}")
-            continue
-        results[variant] = m.result["tokens_per_s"]
-        reference = reference or m.result["tokens"]
-        same = "same tokens" if m.result["tokens"] == reference else "DIFFERENT TOKENS"
-        print(
-            f"  {variant:24s} {results[variant]:8.1f} tokens/s  {results[variant] / results['unfused']:5.2f}x unfused  ({same})"
+    models = {name: build(path, name, args.device)[0] for name in EAGER}
+    device = args.device
+    prompt = torch.arange(3, 19, device=device).unsqueeze(0)
+    greedy = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
+
+    # -- batch-1 decoding -------------------------------------------------------------------------
+    with torch.inference_mode():
+        tokens = {n: m.generate(prompt, **greedy)[0, -args.tokens :].tolist() for n, m in models.items()}
+        ops = {}
+        for name, model in models.items():
+            out = model(prompt)
+            step = out.logits[:, -1:].argmax(-1)
+            ops[name] = count_ops(model, step, past_key_values=out.past_key_values)
+            out = model(prompt)
+            ops[name] += (python_calls(model, step, past_key_values=out.past_key_values),)
+        decode = interleave(
+            args.repeats, {n: lambda m=m: m.generate(prompt, **greedy) for n, m in models.items()}, device
         )
-    bandwidth = measure("bench_decode:read_bandwidth").result
-    weight_bytes = 4 * (
-        shape.parameters - shape.vocab_size * shape.hidden_size
-    )  # the embedding is a row lookup
-    ceiling = bandwidth / weight_bytes
-    print(
-        f"  {'memory-bandwidth ceiling':24s} {ceiling:8.1f} tokens/s  ({bandwidth / 1e9:.1f} GB/s read, "
-        f"{weight_bytes / 1e6:.0f} MB of weights per token); best variant at "
-        f"{max(results.values()) / ceiling:.0%} of it, unfused eager at {results['unfused'] / ceiling:.0%}"
+    report(f"decode, batch 1, {args.tokens} tokens, eager", decode, args.tokens, "tokens/s")
+    for name in models:
+        same = "same tokens" if tokens[name] == tokens["unfused"] else "DIFFERENT TOKENS"
+        n_ops, n_gemm, n_calls = ops[name]
+        print(
+            f"  {name:22s} {n_ops:5d} aten ops/step ({n_ops / ops['unfused'][0]:.2f}x), {n_gemm} GEMMs, "
+            f"{n_calls} Python calls/step ({n_calls / ops['unfused'][2]:.2f}x), {same}"
+        )
+    if device == "cpu":
+        bandwidth = read_bandwidth()
+        weight_bytes = 4 * (
+            shape.parameters - shape.vocab_size * shape.hidden_size
+        )  # embedding: a row lookup
+        ceiling = bandwidth / weight_bytes
+        best = max(args.tokens / min(t) for t in decode.values())
+        print(
+            f"  memory-bandwidth ceiling {ceiling:.1f} tokens/s ({bandwidth / 1e9:.1f} GB/s read now, "
+            f"{weight_bytes / 1e6:.0f} MB of weights per token); best variant at {best / ceiling:.0%} of it"
+        )
+
+    # -- batch-8 prefill ----------------------------------------------------------------------------
+    batch = torch.randint(3, shape.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0)).to(
+        device
     )
-    if "fused" in results:
-        ratio = results["fused"] / results["unfused"]
-        print(f"target fused >= 1.1x unfused eager: {ratio:.2f}x -> {'met' if ratio >= 1.1 else 'MISSED'}")
+    with torch.inference_mode():
+        prefill = interleave(
+            args.repeats, {n: lambda m=m: m(batch, use_cache=False) for n, m in models.items()}, device
+        )
+    report("prefill, batch 8 x 128 tokens", prefill, batch.numel(), "tokens/s")
+
+    # -- one training step --------------------------------------------------------------------------
+    train = torch.randint(3, shape.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1)).to(device)
+    steps = {}
+    for name in ("unfused", "fused", "fused+kernels"):
+        model = models[name].train().requires_grad_(True)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=0.0
+        )  # lr 0: the weights stay the same for later rows
+
+        def step(model=model, optimizer=optimizer):
+            model(train, labels=train).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()
+        steps[name] = step
+    report(
+        "training step, batch 4 x 64 tokens (forward + backward + SGD)",
+        interleave(args.repeats, steps, device),
+        1,
+        "step",
+        False,
+    )
+    for model in models.values():
+        model.eval().requires_grad_(False)
+
+    # -- torch.compile ------------------------------------------------------------------------------
+    if args.skip_compile:
+        return
+    modes = [("default", None)] + ([("reduce-overhead", "static")] if device == "cuda" else [])
+    for mode, cache in modes:
+        compiled = {}
+        kwargs = dict(greedy, **({"cache_implementation": cache} if cache else {}))
+        for name in ("unfused", "fused", "fused+kernels"):
+            model = build(path, name, device)[0]
+            model.forward = torch.compile(
+                model.forward, mode=None if mode == "default" else mode, dynamic=cache is None
+            )
+            try:
+                with torch.inference_mode():
+                    model.generate(prompt, **kwargs)  # compile
+                    same = model.generate(prompt, **kwargs)[0, -args.tokens :].tolist() == tokens["unfused"]
+            except Exception as exc:  # noqa: BLE001 - a benchmark row that cannot run says why and moves on
+                print(f"  compiled {name} ({mode}) did not run: {str(exc).splitlines()[0][:160]}")
+                continue
+            if not same:
+                print(f"  compiled {name} ({mode}): DIFFERENT TOKENS")
+            compiled[name] = lambda m=model, kw=kwargs: m.generate(prompt, **kw)
+        if "unfused" in compiled:
+            with torch.inference_mode():
+                times = interleave(args.repeats, compiled, device)
+            report(f"decode, batch 1, torch.compile(mode={mode!r})", times, args.tokens, "tokens/s")
+            eager_best = min(decode["unfused"])
+            print(f"  (unfused eager: {args.tokens / eager_best:.1f} tokens/s)")
+
+    fused = min(decode["unfused"]) / min(decode["fused"])
+    kernels = min(decode["unfused"]) / min(decode["fused+kernels"])
+    print(
+        f"\ntargets: fused decode >= 1.10x unfused: {fused:.2f}x (fused+kernels {kernels:.2f}x); "
+        f"ops/step <= 0.7x: {ops['fused'][0] / ops['unfused'][0]:.2f}x (fused+kernels "
+        f"{ops['fused+kernels'][0] / ops['unfused'][0]:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

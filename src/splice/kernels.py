@@ -28,6 +28,7 @@ from torch import nn
 
 from splice.errors import FusionError
 from splice.fusion.chain import FusedChain
+from splice.fusion.forwards import fingerprint
 from splice.fusion.linear import LinearSlice
 
 Kernel = Callable[..., Any]
@@ -39,18 +40,29 @@ class KernelSpec:
     fn: Kernel
     matches: Callable[[FusedChain], bool]
     doc: str = ""
+    takes_last_arguments: bool = False  # see FusedChain.set_kernel
 
 
 _KERNELS: dict[str, KernelSpec] = {}
 
 
 def register_kernel(
-    name: str, fn: Kernel, *, matches: Callable[[FusedChain], bool] | None = None, replace: bool = False
+    name: str,
+    fn: Kernel,
+    *,
+    matches: Callable[[FusedChain], bool] | None = None,
+    replace: bool = False,
+    takes_last_arguments: bool = False,
 ) -> None:
-    """Make ``fn`` usable by name; ``matches(chain)`` says which fused chains it can run."""
+    """Make ``fn`` usable by name; ``matches(chain)`` says which fused chains it can run.
+
+    ``takes_last_arguments``: ``fn(chain, x, *args, **kwargs)`` also receives the last member's arguments
+    besides its input (see `FusedChain.set_kernel`); otherwise such calls run the chain in order.
+    """
     if name in _KERNELS and not replace:
         raise FusionError(f"kernel {name!r} is already registered; pass replace=True to override it")
-    _KERNELS[name] = KernelSpec(name, fn, matches or (lambda chain: True), (fn.__doc__ or "").strip())
+    doc = (fn.__doc__ or "").strip()
+    _KERNELS[name] = KernelSpec(name, fn, matches or (lambda chain: True), doc, takes_last_arguments)
 
 
 def available_kernels() -> dict[str, str]:
@@ -85,7 +97,7 @@ def use_kernel(
             spec = next((s for s in _KERNELS.values() if s.matches(chain)), None)
             if spec is None:
                 continue
-            chain.set_kernel(spec.fn, spec.name)
+            chain.set_kernel(spec.fn, spec.name, takes_last_arguments=spec.takes_last_arguments)
         else:
             spec = _KERNELS.get(kernel)
             if spec is None:
@@ -94,7 +106,7 @@ def use_kernel(
                 raise FusionError(
                     f"kernel {kernel!r} cannot run the fused chain at {path} ({'+'.join(chain.names)})"
                 )
-            chain.set_kernel(spec.fn, spec.name)
+            chain.set_kernel(spec.fn, spec.name, takes_last_arguments=spec.takes_last_arguments)
         changed += 1
     return changed
 
@@ -103,11 +115,16 @@ def use_kernel(
 # built-in kernels
 
 
+RMS_NORM = (
+    "9635bcd843f309a0"  # LlamaRMSNorm.forward (Mistral, Qwen2, Qwen3 share it), by forwards.fingerprint
+)
+
+
 def _rms_norm_like(module: nn.Module) -> bool:
-    # Llama-style RMSNorm: weight * normalize(x.float()).to(dtype); Gemma's (1 + weight) variant is excluded
+    # Llama's RMSNorm, proven by its forward's source: weight * normalize(x.float()).to(dtype). Gemma's
+    # (1 + weight) variant, or a norm that merely has the name, runs its own forward.
     return (
-        type(module).__name__.endswith("RMSNorm")
-        and "gemma" not in type(module).__name__.lower()
+        fingerprint(type(module).forward) == RMS_NORM
         and isinstance(getattr(module, "weight", None), torch.Tensor)
         and isinstance(getattr(module, "variance_epsilon", None), float)
     )
@@ -126,24 +143,55 @@ def _matches_rms_norm_mlp(chain: FusedChain) -> bool:
     return _rms_norm_like(norm) and _gated_mlp(mlp)
 
 
+def _matches_rms_norm_attention(chain: FusedChain) -> bool:
+    if len(chain.names) != 2:
+        return False
+    norm, attention = (getattr(chain, n) for n in chain.names)
+    return _rms_norm_like(norm) and any(hasattr(attention, n) for n in ("qkv_proj", "q_proj"))
+
+
 def _direct(module: nn.Module | None, cls: type) -> bool:
     """Calling ``module`` would run only ``cls.forward``: no wrapper (a LoRA layer) and no hooks on it."""
     return type(module) is cls and not (module._forward_hooks or module._forward_pre_hooks)
 
 
-def rms_norm_gated_mlp(chain: FusedChain, x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm then a gated MLP, as few kernel launches as plain torch allows (one GEMM for gate+up).
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Llama's RMSNorm as one op where that is the same computation: fp32 input and weight.
 
-    Weights are read directly only where that is what the modules would compute: a norm with hooks runs
-    the chain in order, and a LoRA layer (or a hook) on gate_up_proj, gate_proj or up_proj is called.
+    Transformers computes ``weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(dtype)``: 8 ops, and
+    for a half-precision input the product with the weight is rounded differently than in
+    ``torch.rms_norm``, so other dtypes take the written-out formula.
     """
-    norm, mlp = (getattr(chain, n) for n in chain.names)
-    if not _direct(norm, type(norm)):
-        return _run_in_order(chain, x)
+    weight = norm.weight
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return torch.rms_norm(x, weight.shape, weight, norm.variance_epsilon)
     dtype = x.dtype
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    h = norm.weight * h.to(dtype)
+    return weight * h.to(dtype)
+
+
+def rms_norm_attention(chain: FusedChain, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """RMSNorm then an attention: the norm as one op, then the attention (its fused forward: one qkv GEMM)."""
+    norm, attention = (getattr(chain, n) for n in chain.names)
+    if not _direct(norm, type(norm)):
+        h = norm(x)
+    else:
+        h = rms_norm(norm, x)
+    return attention(h, *args, **kwargs) if args else attention(hidden_states=h, **kwargs)
+
+
+def rms_norm_gated_mlp(chain: FusedChain, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm then a gated MLP, as few kernel launches as plain torch allows (one GEMM for gate+up).
+
+    Weights are read directly only where that is what the modules would compute: a norm or an MLP with
+    hooks runs the chain in order, and a LoRA layer (or a hook) on gate_up_proj, gate_proj or up_proj is
+    called.
+    """
+    norm, mlp = (getattr(chain, n) for n in chain.names)
+    if not _direct(norm, type(norm)) or not _direct(mlp, type(mlp)):
+        return _run_in_order(chain, x)
+    h = rms_norm(norm, x)
     fused = getattr(mlp, "gate_up_proj", None)
     parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
     if _direct(fused, nn.Linear) and all(p is None or _direct(p, LinearSlice) for p in parts):
@@ -181,4 +229,7 @@ def compiled(chain: FusedChain, *args: Any, **kwargs: Any) -> Any:
 
 
 register_kernel("rms_norm_gated_mlp", rms_norm_gated_mlp, matches=_matches_rms_norm_mlp)
-register_kernel("compiled", compiled)
+register_kernel(
+    "rms_norm_attention", rms_norm_attention, matches=_matches_rms_norm_attention, takes_last_arguments=True
+)
+register_kernel("compiled", compiled)  # last: it matches every chain, and "auto" takes the first match

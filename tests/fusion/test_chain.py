@@ -206,7 +206,8 @@ def test_kernel_errors():
         use_kernel(model, "rms_norm_gated_mlp")
     splice.fuse_modules(model, GLOBS)
     with pytest.raises(
-        FusionError, match=r"unknown kernel 'nope'; registered kernels: \['compiled', 'rms_norm_gated_mlp'"
+        FusionError,
+        match=r"unknown kernel 'nope'; registered kernels: \['compiled', 'rms_norm_attention', 'rms_norm_gated_mlp'",
     ):
         use_kernel(model, "nope")
     register_kernel("test_never", lambda chain, x: x, matches=lambda chain: False, replace=True)

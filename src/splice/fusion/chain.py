@@ -96,10 +96,19 @@ class FusedChain(nn.Module):
         self.__dict__["calls"] = calls
         self.__dict__["kernel"] = None
         self.__dict__["kernel_name"] = None
+        self.__dict__["kernel_takes_last_arguments"] = False
 
-    def set_kernel(self, kernel: Kernel | None, name: str | None = None) -> None:
+    def set_kernel(
+        self, kernel: Kernel | None, name: str | None = None, *, takes_last_arguments: bool = False
+    ) -> None:
+        """Plug ``kernel`` in; ``takes_last_arguments``: it also runs chains whose last member gets more than its input.
+
+        Such a kernel is called ``kernel(chain, x, *args, **kwargs)``: the chain's input, then the last member's
+        other arguments (a norm + attention chain: the attention's position embeddings, mask, cache, ...).
+        """
         self.__dict__["kernel"] = kernel
         self.__dict__["kernel_name"] = name if kernel is not None else None
+        self.__dict__["kernel_takes_last_arguments"] = takes_last_arguments and kernel is not None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         calls = self.calls.take()
@@ -109,25 +118,33 @@ class FusedChain(nn.Module):
                 f"fused chain {'+'.join(self.names)}: expected {', '.join(self.names[:-1])} to be called just before "
                 f"{self.names[-1]}, got calls {[self.names[c[0]] for c in calls]}"
             )
-        # each later member must receive exactly what the pass-through before it handed on
-        received = [c[1][0] for c in calls[1:]] + [args[0] if args else None]
+        # each later member must receive exactly what the pass-through before it handed on; the last
+        # may take it by keyword (an attention is called as self_attn(hidden_states=..., ...))
+        name, rest_args, rest_kwargs = None, args[1:], kwargs
+        if expected and not args:
+            name = next((k for k, v in kwargs.items() if v is calls[-1][3]), None)
+            rest_kwargs = {k: v for k, v in kwargs.items() if k != name}
+        last_input = args[0] if args else kwargs.get(name) if name is not None else None
+        received = [c[1][0] for c in calls[1:]] + [last_input]
         for (index, earlier_args, _, handed), given in zip(calls, received):
             if given is not handed:
                 self._refuse_non_adjacent(index, same_input=given is earlier_args[0])
         first_args, first_kwargs = (calls[0][1], calls[0][2]) if calls else (args, kwargs)
         kernel = self.kernel
-        if (
-            kernel is not None
-            and all(len(c[1]) == 1 and not c[2] for c in calls[1:])
-            and (not expected or len(args) == 1 and not kwargs)
-        ):
-            return kernel(self, *first_args, **first_kwargs)
+        if kernel is not None and all(len(c[1]) == 1 and not c[2] for c in calls[1:]):
+            if not expected or not (rest_args or rest_kwargs):
+                return kernel(self, *first_args, **first_kwargs)
+            if self.kernel_takes_last_arguments and len(first_args) == 1 and not first_kwargs:
+                return kernel(self, first_args[0], *rest_args, **rest_kwargs)
         modules = [getattr(self, n) for n in self.names]
         out = modules[0](*first_args, **first_kwargs)
         for (_, call_args, call_kwargs, _), module in zip(calls[1:], modules[1:-1]):
             out = module(out, *call_args[1:], **call_kwargs)
         if expected:
-            out = modules[-1](out, *args[1:], **kwargs)
+            if name is None:
+                out = modules[-1](out, *rest_args, **rest_kwargs)
+            else:
+                out = modules[-1](*rest_args, **{name: out}, **rest_kwargs)
         return out
 
     def _refuse_non_adjacent(self, index: int, *, same_input: bool) -> None:
@@ -254,7 +271,10 @@ def fuse_modules(model: nn.Module, globs: Sequence[str], *, kernel: str | Kernel
     if kernel is not None:
         from splice.kernels import use_kernel
 
-        use_kernel(model, kernel, modules=[r.path for r in report.records])
+        # the chains themselves, not their parents: a parent may hold other chains (norm + MLP beside norm + attention)
+        use_kernel(
+            model, kernel, modules=[f"{r.path}.{names[-1]}" if r.path else names[-1] for r in report.records]
+        )
     return report
 
 

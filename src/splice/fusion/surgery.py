@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from splice.errors import FusionError, WeightMapError
-from splice.fusion import tp_plan
+from splice.fusion import forwards, tp_plan
 from splice.fusion.spec import FusionOptions, ModuleFusionSpec, registered_families, resolve_config
 from splice.transforms import TensorMeta
 from splice.weightmap import Plan, Rule, Step, WeightMap
@@ -45,6 +45,7 @@ class FusionRecord:
     layout: dict[str, Any] = field(default_factory=dict)
     call: int = 0  # which fuse() call made it; one call and family make one WeightMap stage
     installed: dict[str, nn.Module] = field(default_factory=dict)  # the children splice put in place
+    forward: Any = None  # the fused forward swapped onto `parent` (splice.fusion.forwards), if any
 
     def rules(self) -> list[Rule]:
         """The plan as literal rules over model-level keys."""
@@ -379,7 +380,7 @@ def _apply(
     _set_children(module, children)
     for key, (tensor, source_key) in outputs.items():
         _assign(module, key, tensor, requires_grad[source_key], where=f"{family!r} at {path or '<root>'}")
-    return FusionRecord(
+    record = FusionRecord(
         family,
         path,
         module,
@@ -392,6 +393,8 @@ def _apply(
         call,
         dict(children),
     )
+    record.forward = forwards.install(module)
+    return record
 
 
 def _run_steps(module: nn.Module, steps: list[Step]) -> dict[str, tuple[torch.Tensor, str]]:
@@ -503,6 +506,7 @@ def _restore(model: nn.Module, record: FusionRecord) -> None:
     if _get_module(model, record.path) is not record.parent:
         raise FusionError(f"{where}: the module there was replaced after fusing; undo that change first")
     module = record.parent
+    forwards.remove(module, record.forward)
     inverse = record.plan.inverse()
     outputs = _run_steps(module, inverse.steps)
     module._modules = OrderedDict(
