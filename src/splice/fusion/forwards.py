@@ -144,11 +144,14 @@ def installed(module: nn.Module) -> bool:
 # the fused forwards
 
 
-def plain_fused_linear(module: nn.Module, names: tuple[str, ...]) -> tuple[nn.Linear, list[int]] | None:
-    """The fused Linear and part sizes when calling the slots ``names`` would run exactly one plain GEMM.
+def plain_fused_linear(
+    module: nn.Module, names: tuple[str, ...]
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[int]] | None:
+    """What to call once for the slots ``names`` (a plain GEMM, or the fused module when something sits on
+    it), and the part sizes.
 
-    None when anything else would run: a wrapper (LoRA) or a hook on a slot or on the fused Linear, a
-    global hook, slots that are not this module's slices in order.
+    None when the slots would run anything else: a wrapper (LoRA) or a hook on a slot, a global hook,
+    slots that are not this module's slices in order.
     """
     if _global_hooks():
         return None
@@ -172,14 +175,18 @@ def plain_fused_linear(module: nn.Module, names: tuple[str, ...]) -> tuple[nn.Li
     if shared is None or shared.parent is not module or len(shared.sizes) != len(names):
         return None
     fused = mods.get(shared.fused_name)
-    if (
-        type(fused) is not nn.Linear
-        or fused._forward_hooks
-        or fused._forward_pre_hooks
-        or fused._backward_hooks
-    ):
+    if fused is None:
         return None
-    return fused, [stop - start for start, stop in shared.bounds]
+    sizes = [stop - start for start, stop in shared.bounds]
+    plain = type(fused) is nn.Linear and not (
+        fused._forward_hooks or fused._forward_pre_hooks or fused._backward_hooks or fused._backward_pre_hooks
+    )
+    if plain:
+        weight, bias = fused.weight, fused.bias
+        return (lambda x: F.linear(x, weight, bias)), sizes
+    # a wrapper (LoRA on qkv_proj), a hook, tensor-parallel hooks or a Linear subclass on the fused
+    # Linear: call the module itself, once, so each of them runs exactly as often as the GEMM does
+    return fused, sizes
 
 
 def mlp_forward(
@@ -189,7 +196,7 @@ def mlp_forward(
     if found is None:
         return original(self, x, *args, **kwargs)
     fused, sizes = found
-    gate, up = F.linear(x, fused.weight, fused.bias).split(sizes, dim=-1)
+    gate, up = fused(x).split(sizes, dim=-1)
     return self.down_proj(self.act_fn(gate) * up)
 
 
@@ -211,7 +218,7 @@ def attention_forward(
     fused, sizes = found
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    qkv = F.linear(hidden_states, fused.weight, fused.bias)
+    qkv = fused(hidden_states)
     cos, sin = position_embeddings
     if kind.rotate_qk_together:
         # q and k get the same rotation per head: rotate them as one tensor, then split the heads
