@@ -177,6 +177,8 @@ def fuse(model: nn.Module, config: Any) -> FusionReport:
             shared = Counter(id(t) for t in _all_tensors(model))
             prepared = [_prepare(family, spec, options, path, module, shared) for path, module in targets]
             for item in prepared:
+                _check_not_carried_over(model, item[0], item[3], item[4], item[5])
+            for item in prepared:
                 record = _apply(*item, call=state.calls)
                 state.records.append(record)
                 records.append(record)
@@ -251,6 +253,20 @@ def _why(spec: ModuleFusionSpec, modules: list[tuple[str, nn.Module]], options: 
     return ""
 
 
+def _check_not_carried_over(
+    model: nn.Module, family: str, path: str, module: nn.Module, children: dict
+) -> None:
+    """Refuse when the model's own code moves a replaced child to another module (it would strand the fused one)."""
+    from splice.fusion.adjacency import why_carried_over
+
+    replaced = [n for n in children if module._modules.get(n) is not None]
+    parts = path.split(".") if path else []
+    lineage = [model] + [model.get_submodule(".".join(parts[: i + 1])) for i in range(len(parts))]
+    why = why_carried_over([type(m) for m in lineage], replaced)
+    if why is not None:
+        raise FusionError(f"{family!r} at {path or '<root>'}: {why}")
+
+
 def _all_tensors(model: nn.Module) -> list[torch.Tensor]:
     tensors = [p for _, p in model.named_parameters(remove_duplicate=False)]
     return tensors + [b for _, b in model.named_buffers(remove_duplicate=False)]
@@ -260,7 +276,10 @@ def _prepare(
     family: str, spec: ModuleFusionSpec, options: FusionOptions, path: str, module: nn.Module, shared: Counter
 ) -> tuple:
     where = f"{family!r} at {path or '<root>'}"
-    children = spec.make_fused_module(module, options)
+    try:
+        children = spec.make_fused_module(module, options)
+    except FusionError as exc:  # a spec that refuses one module: say which one
+        raise FusionError(f"{where}: {exc}") from None
     rules = spec.make_transforms(module, options)
     tensors = _named_tensors(module)
     try:
