@@ -166,6 +166,10 @@ def _shrink_sizes(config: Any, ids: dict[int, int]) -> None:
             and not re.search(r"vocab|position|image|patch|window|chunk|token|seq|length|max", name)
         ):
             setattr(config, name, HIDDEN_SIZE)
+    for name, value in list(attrs.items()):  # vision feature layers index a tower now two layers deep
+        if "feature_layer" in name:
+            fitted = [_fit_layer(v) for v in value] if isinstance(value, (list, tuple)) else _fit_layer(value)
+            setattr(config, name, type(value)(fitted) if isinstance(value, (list, tuple)) else fitted)
     if isinstance(attrs.get("sliding_window"), int) and attrs["sliding_window"] > 64:
         config.sliding_window = 64
     _shrink_layers(config)
@@ -177,6 +181,12 @@ def _shrink_sizes(config: Any, ids: dict[int, int]) -> None:
             for v in value if isinstance(value, (list, tuple)) else [value]:
                 if isinstance(v, int) and not isinstance(v, bool) and v >= VOCAB - 64:
                     ids.setdefault(v, VOCAB - 1 - len(ids))
+
+
+def _fit_layer(index: Any) -> Any:
+    if not isinstance(index, int) or -LAYERS_COUNT <= index < LAYERS_COUNT:
+        return index
+    return -1 if index < 0 else 1
 
 
 def _shrink_layers(config: Any) -> None:
@@ -201,6 +211,9 @@ def _shrink_layers(config: Any) -> None:
             and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < count for v in value)
         ):
             setattr(config, name, type(value)(keep.index(v) for v in value if v in keep))
+    for name, value in list(attrs.items()):  # {layer index: settings}
+        if isinstance(value, dict) and value and all(isinstance(k, int) for k in value):
+            setattr(config, name, {keep.index(k): v for k, v in value.items() if k in keep})
     setattr(config, layers_name, len(keep))
     for name in LAYERS:
         if name != layers_name and attrs.get(name) == count:
@@ -451,10 +464,10 @@ def sweep_one(mapping: str, model_type: str, family_names: list[str] | None = No
             record["vision"] = "checked"
     with tempfile.TemporaryDirectory() as tmp:
         source_dir = Path(tmp) / "source"
-        model.save_pretrained(source_dir)
-        source = _read_dir(source_dir)
-        del model
-        try:  # the baseline: transformers loading its own save
+        try:  # the baseline: transformers saving, then loading its own save
+            model.save_pretrained(source_dir)
+            source = _read_dir(source_dir)
+            del model
             plain = cls.from_pretrained(source_dir, dtype=torch.float32).eval()
             problem = _compare([expected], [_logits(plain, inputs)])
             del plain

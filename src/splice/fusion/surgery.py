@@ -238,6 +238,7 @@ def discover(
         scope = f" among modules matching {options.modules!r}" if options.modules else ""
         raise FusionError(
             f"{family!r}: found no {spec.describe_candidates(options)}{scope}{_why(spec, modules, options)}"
+            f"{_blocks(model) if not options.modules else ''}"
         )
     return found
 
@@ -265,6 +266,16 @@ def _check_not_carried_over(
     why = why_carried_over([type(m) for m in lineage], replaced)
     if why is not None:
         raise FusionError(f"{family!r} at {path or '<root>'}: {why}")
+
+
+def _blocks(model: nn.Module) -> str:
+    """What the model's repeated blocks hold, so "nothing to fuse" can be checked at a glance (Mamba, RWKV, ...)."""
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and not isinstance(module[0], nn.ModuleList):
+            block = module[0]
+            children = ", ".join(f"{n}: {type(c).__name__}" for n, c in list(block.named_children())[:6])
+            return f"; {type(model).__name__}'s blocks ({path}.*) are {type(block).__name__}({children}), so there is nothing for it to fuse"
+    return ""
 
 
 def _all_tensors(model: nn.Module) -> list[torch.Tensor]:
