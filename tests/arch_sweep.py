@@ -174,6 +174,18 @@ def _shrink_sizes(config: Any, ids: dict[int, int]) -> None:
         config.sliding_window = 64
     _shrink_layers(config)
     _shrink_vision(config)
+    head_dim = attrs.get("head_dim") if isinstance(attrs.get("head_dim"), int) else None
+    if head_dim is None and isinstance(attrs.get("hidden_size"), int) and heads_name and attrs[heads_name]:
+        head_dim = attrs["hidden_size"] // attrs[heads_name]
+    for name in ("rope_parameters", "rope_scaling"):  # M-RoPE sections split half a head
+        rope = attrs.get(name)
+        section = rope.get("mrope_section") if isinstance(rope, dict) else None
+        if isinstance(rope, dict) and section is None and _mentions_mrope(type(config)):
+            section = [16, 24, 24]  # the modeling code's default when the config states none
+        if head_dim and isinstance(section, list) and sum(section) != head_dim // 2:
+            scaled = [max(1, v * (head_dim // 2) // sum(section)) for v in section]
+            scaled[0] += head_dim // 2 - sum(scaled)
+            rope["mrope_section"] = scaled
     if isinstance(attrs.get("vocab_size"), int) and attrs["vocab_size"] > VOCAB:
         config.vocab_size = VOCAB
     for name, value in list(attrs.items()):
@@ -181,6 +193,13 @@ def _shrink_sizes(config: Any, ids: dict[int, int]) -> None:
             for v in value if isinstance(value, (list, tuple)) else [value]:
                 if isinstance(v, int) and not isinstance(v, bool) and v >= VOCAB - 64:
                     ids.setdefault(v, VOCAB - 1 - len(ids))
+
+
+def _mentions_mrope(config_class: type) -> bool:
+    try:
+        return "mrope_section" in inspect.getsource(inspect.getmodule(config_class))
+    except (OSError, TypeError):
+        return False
 
 
 def _fit_layer(index: Any) -> Any:
@@ -375,7 +394,10 @@ def vision_inputs(model: Any) -> dict[str, torch.Tensor] | None:
     size = size[0] if isinstance(size, (list, tuple)) else size
     if not isinstance(size, int):
         return None
-    return {"pixel_values": torch.randn(1, channels, size, size, generator=generator)}
+    inputs = {"pixel_values": torch.randn(1, channels, size, size, generator=generator)}
+    if "image_sizes" in params:
+        inputs["image_sizes"] = torch.tensor([[size, size]])
+    return inputs
 
 
 def _vision(model: Any, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -459,7 +481,12 @@ def sweep_one(mapping: str, model_type: str, family_names: list[str] | None = No
         try:
             vision_expected = _vision(model, pixel)
         except Exception as exc:
-            record["vision"] = f"not feasible: {_first_line(exc)}"
+            try:  # towers that take a batch of images per sample (Idefics3)
+                pixel = {**pixel, "pixel_values": pixel["pixel_values"].unsqueeze(1)}
+                vision_expected = _vision(model, pixel)
+                record["vision"] = "checked"
+            except Exception:
+                record["vision"] = f"not feasible: {_first_line(exc)}"
         else:
             record["vision"] = "checked"
     with tempfile.TemporaryDirectory() as tmp:

@@ -66,8 +66,11 @@ class Worker:
         self.proc.wait()
 
 
-def run_all(out: Path, timeout: float, only: list[str] | None) -> list[dict]:
+def run_all(out: Path, timeout: float, only: list[str] | None, first: list[str] | None = None) -> list[dict]:
     archs = [a for a in arch_sweep.architectures() if not only or a[1] in only]
+    archs.sort(
+        key=lambda a: a[1] not in (first or ())
+    )  # stable: the named ones first, then the rest in order
     records: list[dict] = []
     worker = Worker()
     start = time.time()
@@ -165,9 +168,10 @@ def main() -> None:
     parser.add_argument("--readme", type=Path, help="write the table into this README")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--only", nargs="*", help="model types to run (default: all)")
+    parser.add_argument("--first", nargs="*", help="model types to run before the others")
     args = parser.parse_args()
     if args.json:
-        records = run_all(args.json, args.timeout, args.only)
+        records = run_all(args.json, args.timeout, args.only, args.first)
     elif args.from_json:
         records = json.loads(args.from_json.read_text())
     else:
