@@ -97,6 +97,21 @@ def _shrink_one(config: Any, ids: dict[int, int]) -> None:
     attrs = config.__dict__
     before = {n: v for n, v in attrs.items() if isinstance(v, int) and not isinstance(v, bool)}
     _shrink_sizes(config, ids)
+    # head sizes that were equal stay equal (DeepSeek's head_dim is its qk_rope_head_dim); rotary dims fit a head
+    groups: dict[int, list[str]] = {}
+    for name, value in before.items():
+        if "head_dim" in name or name in ("rotary_dim", "rope_dim"):
+            groups.setdefault(value, []).append(name)
+    for names in groups.values():
+        if len(names) > 1:
+            smallest = min(attrs[n] for n in names)
+            for n in names:
+                setattr(config, n, smallest)
+    for name in ("rotary_dim", "rope_dim"):
+        hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+        head = attrs.get("head_dim") or (hidden // heads if isinstance(hidden, int) and heads else None)
+        if isinstance(attrs.get(name), int) and head and attrs[name] > head:
+            setattr(config, name, head)
     # sizes derived from head counts (Mamba-2's d_ssm = n_heads * d_head) follow the shrunk heads
     heads = [n for n in before if "head" in n]
     for name, value in before.items():
