@@ -220,9 +220,8 @@ def prepare(
         checkpoint_metas = reader.metas()
         target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, config, reader)
     model = build_on_meta(model_cls, config, attn_implementation, target_dtype)
-    materialize_computed_buffers(
-        model
-    )  # before anything is loaded, so no weight init can touch a loaded tensor
+    # before anything is loaded, so no weight init can touch a loaded tensor
+    materialize_computed_buffers(model)
     original_keys = list(model.state_dict(keep_vars=True))
     layout_map = WeightMap()
     if stored and stored != requested:

@@ -27,7 +27,7 @@ from splice.errors import LoadError
 
 
 def materialize_computed_buffers(model: nn.Module) -> list[str]:
-    """Give every meta buffer of ``model`` its computed value; returns their names.
+    """Give every non-persistent meta buffer of ``model`` its computed value; returns their names.
 
     Parameters must all still be on the meta device (nothing loaded yet); a real one is refused, as
     weight init could overwrite it.
@@ -56,7 +56,8 @@ def materialize_computed_buffers(model: nn.Module) -> list[str]:
     selected: set[int] = set()
     for path, module in model.named_modules():
         for name, buffer in module._buffers.items():
-            if buffer is not None and buffer.is_meta:
+            # persistent buffers are read from the checkpoint like parameters (strictly: a missing one is an error)
+            if buffer is not None and buffer.is_meta and name in module._non_persistent_buffers_set:
                 module._buffers[name] = _sentinel_like(buffer)
                 computed[f"{path}.{name}" if path else name] = (module, name)
                 selected.add(id(module))

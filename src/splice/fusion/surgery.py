@@ -176,8 +176,8 @@ def fuse(model: nn.Module, config: Any) -> FusionReport:
             targets = discover(model, family, spec, options)
             shared = Counter(id(t) for t in _all_tensors(model))
             prepared = [_prepare(family, spec, options, path, module, shared) for path, module in targets]
-            for item in prepared:
-                _check_not_carried_over(model, item[0], item[3], item[4], item[5])
+            for _, _, _, path, module, children, *_ in prepared:
+                _check_not_carried_over(model, family, path, module, children)
             for item in prepared:
                 record = _apply(*item, call=state.calls)
                 state.records.append(record)
