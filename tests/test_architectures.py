@@ -15,30 +15,26 @@ import re
 import pytest
 from arch_sweep import architectures, sweep_one
 
-# chosen to cover each mechanism the sweep has caught bugs in: composite VLMs and their vision towers,
-# MoE checkpoint converters (regex source patterns too), computed buffers, post-norm and residual-reusing
-# layers, forward-time module rebuilds, recurrent models where nothing applies
+# chosen to cover each mechanism the sweep has caught bugs in, cheaply: composite VLMs and their vision
+# towers (Conv2d and Conv3d patch embeddings), MoE checkpoint converters, post-norm layers, pre-fused
+# attention, recurrent models where nothing applies. Architectures with a dedicated test elsewhere
+# (Falcon-H1, MiniMax, Zaya, BigBird, DeepSeek-V4, vipllava) are left to it, to keep the default run short.
 SAMPLE = {
     ("causal_lm", "llama"),
     ("causal_lm", "gpt2"),
     ("causal_lm", "gpt_neox"),
+    ("causal_lm", "bloom"),
     ("causal_lm", "falcon"),
+    ("causal_lm", "opt"),
     ("causal_lm", "phi3"),
     ("causal_lm", "qwen2_moe"),
-    ("causal_lm", "deepseek_v4"),
-    ("causal_lm", "falcon_h1"),
-    ("causal_lm", "minimax"),
     ("causal_lm", "olmo2"),
-    ("causal_lm", "zaya"),
-    ("causal_lm", "big_bird"),
     ("causal_lm", "mamba"),
     ("causal_lm", "gemma2"),
     ("image_text_to_text", "llava"),
     ("image_text_to_text", "qwen2_vl"),
     ("image_text_to_text", "gemma3"),
     ("image_text_to_text", "git"),
-    ("image_text_to_text", "idefics3"),
-    ("image_text_to_text", "mistral3"),
 }
 NAMED = re.compile(
     r"[A-Za-z_]\w*\.[\w.#*]+|'[^']+'|\b\w+_\w+\b"

@@ -161,3 +161,17 @@ def test_big_bird_is_refused_at_load(tmp_path):
         FusionError, match=r"BigBirdAttention\.set_attention_type moves query onto another module"
     ):
         splice.from_pretrained(T.AutoModelForCausalLM, tmp_path, fusion_config={"qkv": True})
+
+
+class Nested(Layer):
+    def forward(self, hidden_states):  # DeepSeek-V4: the norm's call is the MLP's argument
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+def test_nested_call_is_adjacent():
+    model = nn.ModuleDict({"layer": Nested()})
+    x = torch.randn(2, 8)
+    expected = model["layer"](x)
+    assert why_not_chain(model["layer"], ("post_attention_layernorm", "mlp")) is None
+    splice.fuse(model, ["norm_mlp"])
+    torch.testing.assert_close(model["layer"](x), expected, rtol=0, atol=0)

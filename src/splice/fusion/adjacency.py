@@ -10,8 +10,9 @@ So the proof is made once, when fusing, from the parent's ``forward`` source (``
 
 1. every member is referred to exactly once in ``forward``, as a call ``self.<name>(...)``, and in no
    other method of the class except ``__init__``;
-2. the calls are statements of one block, in chain order, and each one but the last is a plain
-   assignment ``v = self.<name>(...)``;
+2. either a member's call is the next one's first argument (``self.mlp(self.norm(x))``), or the calls
+   are statements of one block, in chain order, and each one but the last is a plain assignment
+   ``v = self.<name>(...)``;
 3. ``v`` is not touched between that statement and the next member's call, which takes ``v`` as its
    first argument and mentions it nowhere else;
 4. after that call ``v`` is not read again before it is rebound.
@@ -56,7 +57,11 @@ def _prove(cls: type, names: tuple[str, ...]) -> str | None:
             return f"{cls.__name__}.forward uses self.{name} other than as a plain call"
         located.append((*found, refs[0].parent))  # type: ignore[attr-defined]
     for i in range(len(names) - 1):
-        (block, index, _), (next_block, next_index, next_call) = located[i], located[i + 1]
+        (block, index, call), (next_block, next_index, next_call) = located[i], located[i + 1]
+        if (
+            next_call.args and next_call.args[0] is call
+        ):  # self.mlp(self.norm(x), ...): adjacent by construction
+            continue
         statement = block[index]
         where = f"{cls.__name__}.forward"
         if next_block is not block or next_index <= index:
