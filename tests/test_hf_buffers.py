@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 
 import splice
 from splice.errors import LoadError
-from splice.hf_buffers import materialize_computed_buffers
 
 
 def _saved(path) -> dict[str, torch.Tensor]:
@@ -78,10 +77,13 @@ def test_a_buffer_no_init_computes_is_refused(tmp_path):
         splice.from_pretrained(_ExtraBufferLlama, tmp_path)
 
 
-def test_buffers_are_computed_before_anything_is_loaded():
-    model = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                             num_attention_heads=2, vocab_size=64))  # fmt: skip
-    with pytest.raises(
-        LoadError, match=r"filled before loading, but model\.embed_tokens\.weight already holds data"
-    ):
-        materialize_computed_buffers(model)
+def test_parameters_built_with_data_are_filled_by_the_checkpoint(tmp_path):
+    # DiffLlama draws lambda_q1 and friends with torch.normal while it is built, even on meta
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(tiny_config("diffllama")).eval()
+    model.save_pretrained(tmp_path)
+    loaded = splice.from_pretrained(T.AutoModelForCausalLM, tmp_path, fusion_config={"qkv": True})
+    assert torch.equal(loaded.model.layers[0].self_attn.lambda_q1, model.model.layers[0].self_attn.lambda_q1)
+    ids = torch.tensor([[5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)

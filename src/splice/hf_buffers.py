@@ -29,16 +29,17 @@ from splice.errors import LoadError
 def materialize_computed_buffers(model: nn.Module) -> list[str]:
     """Give every non-persistent meta buffer of ``model`` its computed value; returns their names.
 
-    Parameters must all still be on the meta device (nothing loaded yet); a real one is refused, as
-    weight init could overwrite it.
+    Nothing may be loaded yet: a parameter the model built with real data is put back on meta (the
+    checkpoint fills it), so weight init can only ever write into meta tensors.
     """
     from transformers import PreTrainedModel
 
-    real = [name for name, p in model.named_parameters() if not p.is_meta]
-    if real:
-        raise LoadError(
-            f"computed buffers are filled before loading, but {real[0]} already holds data (please report this)"
-        )
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            # built off meta by the model itself (DiffLlama draws its lambdas with torch.normal): nothing has
+            # been loaded yet, and the checkpoint fills every parameter strictly, so drop the construction value
+            if param is not None and not param.is_meta:
+                module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
     owners: dict[int, Any] = {}
     ancestors: dict[int, list[nn.Module]] = {}
     post_order: list[nn.Module] = []
