@@ -175,3 +175,26 @@ def test_nested_call_is_adjacent():
     assert why_not_chain(model["layer"], ("post_attention_layernorm", "mlp")) is None
     splice.fuse(model, ["norm_mlp"])
     torch.testing.assert_close(model["layer"](x), expected, rtol=0, atol=0)
+
+
+class ParallelResidual(Layer):
+    def __init__(self, parallel: bool):
+        super().__init__()
+        self.use_parallel_residual = parallel
+
+    def forward(self, hidden_states, attn_out):  # GPT-NeoX: the layout is a flag fixed at build time
+        if self.use_parallel_residual:
+            return hidden_states + attn_out + self.mlp(self.post_attention_layernorm(hidden_states))
+        attn_out = attn_out + hidden_states
+        return self.mlp(self.post_attention_layernorm(attn_out)) + attn_out
+
+
+def test_branches_on_flags_are_taken_as_the_instance_takes_them():
+    for parallel in (True, False):
+        layer = ParallelResidual(parallel)
+        assert why_not_chain(layer, ("post_attention_layernorm", "mlp")) is None
+        x, a = torch.randn(2, 8), torch.randn(2, 8)
+        expected = layer(x, a)
+        model = nn.ModuleDict({"layer": layer})
+        splice.fuse(model, ["norm_mlp"])
+        torch.testing.assert_close(model["layer"](x, a), expected, rtol=0, atol=0)

@@ -33,13 +33,71 @@ from torch import nn
 
 
 def why_not_chain(parent: nn.Module, names: Sequence[str]) -> str | None:
-    """None when ``parent.forward`` provably feeds each member's output only to the next one; else why not."""
-    return _prove(type(parent), tuple(names))
+    """None when ``parent.forward`` provably feeds each member's output only to the next one; else why not.
+
+    Branches on the module's own flags (``if self.use_parallel_residual:``) are taken as this instance
+    takes them, since those flags are fixed when the module is built.
+    """
+    forward = _function(type(parent), "forward")
+    flags = () if forward is None else tuple(sorted(_flags(forward, parent).items()))
+    return _prove(type(parent), tuple(names), flags)
+
+
+def _static(test: ast.AST, module: nn.Module) -> bool | None:
+    """The value of ``self.flag`` / ``self.config.flag`` / ``not ...`` on this module, if it is a bool."""
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        inner = _static(test.operand, module)
+        return None if inner is None else not inner
+    chain: list[str] = []
+    node = test
+    while isinstance(node, ast.Attribute):
+        chain.append(node.attr)
+        node = node.value
+    if not (isinstance(node, ast.Name) and node.id == "self" and chain):
+        return None
+    value: object = module
+    for attr in reversed(chain):
+        value = getattr(value, attr, _MISSING)
+        if value is _MISSING or isinstance(value, nn.Module) and attr == chain[0]:
+            return None
+    return value if isinstance(value, bool) else None
+
+
+_MISSING = object()
+
+
+def _flags(forward: ast.AST, module: nn.Module) -> dict[str, bool]:
+    out = {}
+    for node in ast.walk(forward):
+        if isinstance(node, ast.If) and (value := _static(node.test, module)) is not None:
+            out[ast.unparse(node.test)] = value
+    return out
+
+
+def _prune(body: list[ast.stmt], flags: dict[str, bool]) -> list[ast.stmt]:
+    """``body`` with each ``if <flag>:`` replaced by the branch this instance takes."""
+    out: list[ast.stmt] = []
+    for statement in body:
+        if isinstance(statement, ast.If) and ast.unparse(statement.test) in flags:
+            taken = _prune(statement.body if flags[ast.unparse(statement.test)] else statement.orelse, flags)
+            out.extend(taken)
+            if taken and isinstance(taken[-1], (ast.Return, ast.Raise)):
+                break  # the rest of the block is unreachable
+            continue
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(statement, field, None)
+            if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+                setattr(statement, field, _prune(block, flags) or [ast.Pass()])
+        out.append(statement)
+    return out
 
 
 @functools.lru_cache(maxsize=256)
-def _prove(cls: type, names: tuple[str, ...]) -> str | None:
+def _prove(cls: type, names: tuple[str, ...], flags: tuple[tuple[str, bool], ...] = ()) -> str | None:
     forward = _function(cls, "forward")
+    if forward is not None and flags:
+        forward.body = _prune(forward.body, dict(flags))
+        _link_parents(forward)
     if forward is None:
         return f"the source of {cls.__name__}.forward is not available to check that {' -> '.join(names)} are adjacent"
     for method, node in _other_methods(cls):
