@@ -34,6 +34,7 @@ from splice.checkpoint import CheckpointReader, CheckpointWriter
 from splice.converters import translate
 from splice.errors import CheckpointError, LoadError, WeightMapError, WeightsMismatchError
 from splice.fusion.surgery import SpliceState, fuse, get_state, original_state_dict, unfuse
+from splice.hf_buffers import materialize_computed_buffers
 from splice.hf_options import LoadCall, loading_info
 from splice.hf_save_checks import check_runtime_layout_reloads, model_to_save
 from splice.transforms import Concat, Reshape, Stack, TensorMeta, Transpose
@@ -190,7 +191,6 @@ class Prepared:
     def finish(self) -> nn.Module:
         model = self.model
         model._weight_conversions = [t for t in self.transforms if t.was_used()]
-        _materialize_buffers(model)
         model.tie_weights(missing_keys=set(self.missing_ok) & _meta_keys(model), recompute_mapping=False)
         left = sorted(_meta_keys(model))
         if left:
@@ -240,6 +240,8 @@ def prepare(
         checkpoint_metas = reader.metas()
         target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, config, reader)
     model = build_on_meta(model_cls, config, attn_implementation, target_dtype)
+    # before anything is loaded, so no weight init can touch a loaded tensor
+    materialize_computed_buffers(model)
     original_keys = list(model.state_dict(keep_vars=True))
     layout_map = WeightMap()
     if stored and stored != requested:
@@ -515,13 +517,24 @@ def _converter_rule(
 
 
 def _collected_index(key: str, pattern: str, described: str) -> tuple[str, int]:
-    """``key`` with the expert index that ``*`` stands for in transformers' ``pattern`` replaced by ``#``."""
-    match = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
-    if match is None or match.lastindex != 1:
+    """``key`` with the expert index that ``*`` stands for in transformers' ``pattern`` replaced by ``#``.
+
+    Source patterns are regexes in which ``*.`` stands for one module-list index, as transformers
+    compiles them (``mlp.experts.*.gate_proj.weight``, ``\\.experts.*.w1.weight``).
+    """
+    regex = pattern.replace("*.", r"(?P<splice_index>\d+)\.", 1)
+    if re.search(r"[a-zA-Z0-9]$", regex):
+        regex += r"(?!\w)"  # a name boundary, as transformers adds
+    try:
+        match = re.search(regex, key) if "splice_index" in regex else None
+    except re.error:
+        match = None
+    if match is None:
         raise LoadError(
             f"{key}: cannot find the expert index of {pattern!r} in it (converting with {described})"
         )
-    return key[: match.start(1)] + "#" + key[match.end(1) :], int(match.group(1))
+    start, end = match.span("splice_index")
+    return key[:start] + "#" + key[end:], int(match.group("splice_index"))
 
 
 def load_step(reader: CheckpointReader, step: Step, dtypes: dict[str, torch.dtype]) -> list[torch.Tensor]:
@@ -585,26 +598,6 @@ def set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         owner._buffers[leaf] = tensor
     else:
         raise LoadError(f"the model has no parameter or buffer {key!r}")
-
-
-def _materialize_buffers(model: nn.Module) -> None:
-    """Non-persistent buffers (rotary inv_freq, ...) are computed, not loaded: let transformers compute them."""
-    from transformers import PreTrainedModel
-
-    owners: dict[int, Any] = {}
-    for _, pm in model.named_modules():
-        if isinstance(pm, PreTrainedModel):
-            for _, m in pm.named_modules():
-                owners[id(m)] = pm
-    touched = []
-    for _, module in model.named_modules():
-        meta = [name for name, b in module._buffers.items() if b is not None and b.is_meta]
-        for name in meta:
-            module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
-        if meta:
-            touched.append(module)
-    for module in touched:  # all buffers first: _init_weights fills inv_freq and original_inv_freq together
-        owners[id(module)]._init_weights(module)
 
 
 def _meta_keys(model: nn.Module) -> set[str]:

@@ -14,6 +14,8 @@ from typing import ClassVar
 
 from torch import nn
 
+from splice.errors import FusionError
+from splice.fusion.adjacency import why_not_chain
 from splice.fusion.chain import FusedChain, PassThrough, chain_children, chain_rules
 from splice.fusion.spec import FusionOptions, ModuleFusionSpec
 from splice.weightmap import Rule
@@ -67,7 +69,12 @@ class NormMLPSpec(ModuleFusionSpec):
         )
 
     def make_fused_module(self, module: nn.Module, options: NormMLPOptions) -> dict[str, nn.Module]:  # type: ignore[override]
-        return chain_children(module, self.pair(module, options))  # type: ignore[arg-type]
+        pair = self.pair(module, options)
+        assert pair is not None
+        why = why_not_chain(module, pair)  # decided now, from the layer's forward, not when it first runs
+        if why is not None:
+            raise FusionError(f"{pair[0]} cannot be absorbed into {pair[1]}: {why}")
+        return chain_children(module, pair)
 
     def make_transforms(self, module: nn.Module, options: NormMLPOptions) -> list[Rule]:  # type: ignore[override]
         return chain_rules(self.pair(module, options))  # type: ignore[arg-type]

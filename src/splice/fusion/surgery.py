@@ -183,6 +183,8 @@ def fuse(model: nn.Module, config: Any) -> FusionReport:
             targets = _discover_again(model, family, spec, options, state)
             shared = Counter(id(t) for t in _all_tensors(model))
             prepared = [_prepare(family, spec, options, path, module, shared) for path, module in targets]
+            for _, _, _, path, module, children, *_ in prepared:
+                _check_not_carried_over(model, family, path, module, children)
             for item in prepared:
                 record = _apply(*item, call=state.calls)
                 state.records.append(record)
@@ -274,6 +276,7 @@ def discover(
         scope = f" among modules matching {options.modules!r}" if options.modules else ""
         raise FusionError(
             f"{family!r}: found no {spec.describe_candidates(options)}{scope}{_why(spec, modules, options)}"
+            f"{_blocks(model) if not options.modules else ''}"
         )
     _refuse_partial(family, spec, options, modules, found)
     return found
@@ -316,6 +319,30 @@ def _why(spec: ModuleFusionSpec, modules: list[tuple[str, nn.Module]], options: 
     return ""
 
 
+def _check_not_carried_over(
+    model: nn.Module, family: str, path: str, module: nn.Module, children: dict
+) -> None:
+    """Refuse when the model's own code moves a replaced child to another module (it would strand the fused one)."""
+    from splice.fusion.adjacency import why_carried_over
+
+    replaced = [n for n in children if module._modules.get(n) is not None]
+    parts = path.split(".") if path else []
+    lineage = [model] + [model.get_submodule(".".join(parts[: i + 1])) for i in range(len(parts))]
+    why = why_carried_over([type(m) for m in lineage], replaced)
+    if why is not None:
+        raise FusionError(f"{family!r} at {path or '<root>'}: {why}")
+
+
+def _blocks(model: nn.Module) -> str:
+    """What the model's repeated blocks hold, so "nothing to fuse" can be checked at a glance (Mamba, RWKV, ...)."""
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and not isinstance(module[0], nn.ModuleList):
+            block = module[0]
+            children = ", ".join(f"{n}: {type(c).__name__}" for n, c in list(block.named_children())[:6])
+            return f"; {type(model).__name__}'s blocks ({path}.*) are {type(block).__name__}({children}), so there is nothing for it to fuse"
+    return ""
+
+
 def _all_tensors(model: nn.Module) -> list[torch.Tensor]:
     tensors = [p for _, p in model.named_parameters(remove_duplicate=False)]
     return tensors + [b for _, b in model.named_buffers(remove_duplicate=False)]
@@ -325,7 +352,10 @@ def _prepare(
     family: str, spec: ModuleFusionSpec, options: FusionOptions, path: str, module: nn.Module, shared: Counter
 ) -> tuple:
     where = f"{family!r} at {path or '<root>'}"
-    children = spec.make_fused_module(module, options)
+    try:
+        children = spec.make_fused_module(module, options)
+    except FusionError as exc:  # a spec that refuses one module: say which one
+        raise FusionError(f"{where}: {exc}") from None
     rules = spec.make_transforms(module, options)
     tensors = _named_tensors(module)
     try:
