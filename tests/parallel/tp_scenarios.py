@@ -6,11 +6,11 @@ scenario costs its own work, not four interpreters importing torch on two cores.
 
 from __future__ import annotations
 
-import multiprocessing
-import traceback
+import sys
 from pathlib import Path
 from typing import Any
 
+import ranks
 import torch
 
 PRELOAD = [
@@ -27,35 +27,7 @@ PRELOAD = [
 
 def spawn(scenario: str, world: int, workdir: Path, **options: Any) -> list[dict[str, Any]]:
     """Run ``scenario`` on ``world`` ranks (gloo, CPU); returns each rank's results."""
-    import torch.multiprocessing as mp
-
-    multiprocessing.set_forkserver_preload(PRELOAD)
-    workdir.mkdir(parents=True, exist_ok=True)
-    store = workdir / f".store-{scenario}-{world}"
-    if store.exists():
-        store.unlink()
-    mp.start_processes(
-        _main,
-        args=(world, str(store), scenario, str(workdir), options),
-        nprocs=world,
-        start_method="forkserver",
-    )
-    return [torch.load(workdir / f"{scenario}-{world}-rank{r}.pt", weights_only=False) for r in range(world)]
-
-
-def _main(rank: int, world: int, store: str, scenario: str, workdir: str, options: dict[str, Any]) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        results = SCENARIOS[scenario](rank, world, Path(workdir), **options)
-        torch.save(results, Path(workdir) / f"{scenario}-{world}-rank{rank}.pt")
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
+    return ranks.spawn(sys.modules[__name__], scenario, world, workdir, **options)
 
 
 def _copy(state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
