@@ -24,6 +24,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.models.llama import modeling_llama  # noqa: E402, F401  (imported before the clock starts)
 
 import splice  # noqa: E402
+import splice.fusion  # noqa: E402, F401  (`import splice` is lazy: the load path's modules before the clock)
+import splice.hf  # noqa: E402, F401
 
 FUSION = {"qkv": True, "gate_up": True}
 
