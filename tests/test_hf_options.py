@@ -22,11 +22,6 @@ def llama_dir(tmp_path_factory):
     return tiny.save(tiny.causal_lm("llama"), tmp_path_factory.mktemp("llama"))
 
 
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=tiny.token_ids()).logits
-
-
 def edited_checkpoint(src: Path, dst: Path, edit) -> Path:
     sd = load_state_dict(src)
     edit(sd)
@@ -45,7 +40,7 @@ def test_a_state_dict_loads_fused_like_the_checkpoint_it_came_from(llama_dir, tm
     given = plain.state_dict()
     model = splice.from_pretrained(cls, None, config=plain.config, state_dict=given, fusion_config=FUSED)
     assert model.model.layers[0].self_attn.qkv_proj.weight.shape == (128, 64)
-    torch.testing.assert_close(logits(model), logits(plain), rtol=0, atol=0)
+    torch.testing.assert_close(tiny.logits(model), tiny.logits(plain), rtol=0, atol=0)
     assert model.generation_config.bos_token_id == plain.config.bos_token_id
     splice.save_pretrained(model, tmp_path / "out")
     assert filecmp.cmp(llama_dir / "model.safetensors", tmp_path / "out" / "model.safetensors", shallow=False)

@@ -23,11 +23,6 @@ def llama_dir(tmp_path_factory):
     return tiny.save(tiny.causal_lm("llama"), tmp_path_factory.mktemp("llama"))
 
 
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=tiny.token_ids()).logits
-
-
 def with_trained_lora(model):
     peft_model = splice.peft.get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
     with torch.no_grad():
@@ -53,11 +48,11 @@ def test_a_peft_model_is_refused_pointing_to_the_saves_that_work(llama_dir, tmp_
     with pytest.raises(SaveError, match=r"model.layers.0.self_attn.q_proj is a PEFT VirtualLinearLora layer"):
         splice.save_pretrained(peft_model.base_model.model, tmp_path / "out")
     # the way out it names: merged, the base saves in the original layout and transformers loads it exactly
-    expected = logits(peft_model)
+    expected = tiny.logits(peft_model)
     merged = peft_model.merge_and_unload()
     splice.save_pretrained(merged, tmp_path / "merged")
     reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    torch.testing.assert_close(logits(reloaded), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tiny.logits(reloaded), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_peft_model_of_an_unfused_model_is_refused_too(llama_dir, tmp_path):
@@ -73,7 +68,7 @@ def test_a_compiled_model_saves_as_the_model_itself(llama_dir, tmp_path):
     assert filecmp.cmp(llama_dir / "model.safetensors", tmp_path / "out" / "model.safetensors", shallow=False)
     splice.save_pretrained(compiled, tmp_path / "runtime", save_original_format=False)
     again = splice.from_pretrained(T.AutoModelForCausalLM, tmp_path / "runtime")
-    torch.testing.assert_close(logits(again), logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(tiny.logits(again), tiny.logits(model), rtol=0, atol=0)
 
 
 def test_a_fused_model_inside_another_module_is_refused_naming_it(llama_dir, tmp_path):
@@ -100,7 +95,7 @@ def test_a_runtime_layout_save_restricted_by_modules_reloads_the_same_layout(lla
     assert hasattr(again.model.layers[0].self_attn, "qkv_proj") and not hasattr(
         again.model.layers[1].self_attn, "qkv_proj"
     )
-    torch.testing.assert_close(logits(again), logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(tiny.logits(again), tiny.logits(model), rtol=0, atol=0)
 
 
 def test_a_runtime_layout_save_that_would_not_reload_is_refused_before_writing(llama_dir, tmp_path):

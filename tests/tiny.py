@@ -144,6 +144,12 @@ def token_ids(batch: int = 2, length: int = 9, seed: int = 7, vocab: int = 128) 
     return torch.randint(3, vocab, (batch, length), generator=g)
 
 
+def logits(model, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's logits on ``ids`` (default: ``token_ids()``), without autograd."""
+    with torch.no_grad():
+        return model(input_ids=token_ids() if ids is None else ids).logits
+
+
 def save(model, path: Path, **kwargs) -> Path:
     """Save with transformers itself, so the checkpoint is exactly what users have on disk."""
     model.save_pretrained(path, **kwargs)
