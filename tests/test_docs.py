@@ -71,8 +71,9 @@ def _rank_aborted(command: str, result: subprocess.CompletedProcess) -> bool:
     """A torchrun rank killed by SIGABRT: retried once, with a warning carrying the whole stderr.
 
     With DTensor, ``destroy_process_group()`` leaves gloo's threads alive (DeviceMesh and DTensor caches hold
-    the group), and a thread still running while Python finalizes can abort the process with "terminate
-    called without an active exception" (pytorch/pytorch#190489). It is rare (one CI run in several; 44 local
+    the group); a worker thread still holding an AsyncWork whose tensors have Python references takes the GIL
+    while Python finalizes, and the process aborts with "terminate called without an active exception"
+    (pytorch/pytorch#190489, and the abandoned atexit fix pytorch/pytorch#179291). It is rare (one CI run in several; 44 local
     runs clean) and not splice's to fix; any other failure, or a second abort, fails the test.
     """
     return command.startswith("torchrun") and "Signal 6 (SIGABRT)" in result.stderr
