@@ -1,10 +1,9 @@
-"""The op protocol: `TensorMeta`, the `Op` base class, its registry, and the JSON / text forms."""
+"""The op protocol: the `Op` base class, its registry, and the JSON / text forms (`TensorMeta` is in `splice.tensors`)."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import math
 import types
 import typing
 from collections.abc import Sequence
@@ -14,33 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from splice.errors import TransformError
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """Shape and dtype of a tensor, without its data (from a safetensors header or a meta tensor)."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
-    @classmethod
-    def of(cls, tensor: torch.Tensor) -> TensorMeta:
-        return cls(tuple(tensor.shape), tensor.dtype)
-
-    def empty(self, device: str | torch.device = "meta") -> torch.Tensor:
-        return torch.empty(self.shape, dtype=self.dtype, device=device)
-
-    def __str__(self) -> str:
-        return f"{str(self.dtype).removeprefix('torch.')}{list(self.shape)}"
-
+from splice.tensors import TensorMeta
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
