@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.S | re.M)
-DOCTEST_MODULES = ["splice.transforms", "splice.transforms.interleave", "splice.weightmap", "splice.growth"]
+DOCTEST_MODULES = ["splice.transforms", "splice.transforms.interleave", "splice.weightmap", "splice.weightmap.growth", "splice.weightmap.patterns", "splice.tensors"]
 
 
 def blocks(path: Path) -> list[tuple[str, str, int]]:

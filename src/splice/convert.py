@@ -40,9 +40,9 @@ from splice.checkpoint.paths import copy_side_files
 from splice.checkpoint.reader import DEFAULT_WEIGHTS_NAME
 from splice.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
 from splice.errors import CheckpointError, WeightMapError
-from splice.growth import check_plan
+from splice.weightmap.growth import check_compiled
 from splice.transforms import Split, TensorMeta, Unstack
-from splice.weightmap import Plan, Step, WeightMap
+from splice.weightmap import CompiledMap, Step, WeightMap
 
 __all__ = ["ConvertReport", "convert_checkpoint", "run"]
 
@@ -85,7 +85,7 @@ class ConvertReport:
 class _Job:
     """Everything decided before the first byte is read."""
 
-    plan: Plan
+    plan: CompiledMap
     metas: dict[str, TensorMeta]  # the output's tensors, in the order the shard split needs
     max_shard_size: int | str
     metadata: dict[str, str] | None
@@ -132,7 +132,7 @@ def convert_checkpoint(
     with CheckpointReader(src) as reader:
         _refuse_overlap_files(reader, Path(dst))
         job = _reverse_job(reader, weight_map) if reverse else _forward_job(reader, weight_map)
-        check_plan(job.plan, str(src))  # the ops may come from a file: bounded before anything is allocated
+        check_compiled(job.plan, str(src))  # the ops may come from a file: bounded before anything is allocated
         if max_shard_size is not None:
             job.max_shard_size = max_shard_size
             job.warnings = []  # the caller chose the split

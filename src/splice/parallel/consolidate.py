@@ -28,7 +28,7 @@ from splice.checkpoint import DTYPE_OF_TAG, TAG_OF_DTYPE, CheckpointReader, Chec
 from splice.checkpoint.atomic import refuse_foreign_dir
 from splice.checkpoint.paths import copy_side_files, member
 from splice.errors import CheckpointError, WeightMapError
-from splice.growth import check_step
+from splice.weightmap.growth import check_step
 from splice.parallel.layout import Read, local_reads, traceable
 from splice.parallel.metadata import read_metadata
 from splice.parallel.shards import METADATA_NAME, RANK_KEY, WORLD_KEY
