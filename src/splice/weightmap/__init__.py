@@ -24,7 +24,7 @@ The package, bottom to top (each module imports only those above it in this list
 - ``patterns``: `Pattern`, brace expansion (capped at ``MAX_EXPANSION``), `compact` printing, and
   `wildcard_numbers`, the one place a layer number becomes ``*``;
 - ``rules``: `Rule` and its text / JSON forms;
-- ``program``: what compiling makes: `CompiledMap`, its `Step` s and their `Instr` s;
+- ``program``: what compiling makes: a `CompiledMap` of steps (`Step`) made of instructions (`Instr`);
 - ``compiler``: compiling stages against keys, composing stages, resolving op sizes;
 - ``maps``: `WeightMap` and its JSON document;
 - ``growth``: the bound on what a map read from a file may allocate (`check_step`, `check_compiled`).

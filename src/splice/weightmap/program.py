@@ -1,4 +1,4 @@
-"""What compiling a map makes: a `CompiledMap` of `Step` s, each a small program of `Instr` s over concrete keys."""
+"""What compiling a map makes: a `CompiledMap` of steps (`Step`), each a program of instructions (`Instr`)."""
 
 from __future__ import annotations
 
