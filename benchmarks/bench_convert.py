@@ -8,11 +8,10 @@ checkpoint (3 shards, 1.36 GB):
 - **safetensors copy**: ``load_file`` + ``save_file`` per shard with the safetensors library, the
   plain read-and-write that ``convert`` competes with;
 - **byte copy**: ``shutil.copyfile`` per file (what ``cp`` does), the disk / memcpy limit;
-- **convert**: ``splice convert`` to fused q/k/v and gate/up, and again with direct reads off (every
-  step reads whole sources, runs the op and writes), to show what reading into the fused tensor saves;
+- **convert**: ``splice convert`` to fused q/k/v and gate/up;
 - **convert --reverse**: back to the original layout;
 - **convert, no rules**: every tensor passes through, the streaming cost of ``convert`` on its own;
-- **plan only**: what ``convert`` does before the first byte of data (headers, compiling the map).
+- **compile only**: what ``convert`` does before the first byte of data (headers, compiling the map).
 
 Two rounds: first every variant writes to the page cache only (``fsync`` disabled in the child, and
 ``os.sync()`` between runs so one run's write-back does not slow the next), which exposes CPU and
@@ -103,14 +102,13 @@ def copy_bytes(src: str, dst: str, durable: bool) -> None:
             _finish(Path(dst) / path.name, durable)
 
 
-def convert(src: str, dst: str, map_path: str | None, reverse: bool, durable: bool, direct: bool) -> dict:
+def convert(src: str, dst: str, map_path: str | None, reverse: bool, durable: bool) -> dict:
     _no_fsync(durable)
-    splice.convert._DIRECT_READS = direct
     report = splice.convert.convert_checkpoint(src, dst, map_path, reverse=reverse, progress=False)
     return {"steps": report.steps, "bytes_written": report.bytes_written}
 
 
-def plan_only(src: str, map_path: str) -> None:
+def compile_only(src: str, map_path: str) -> None:
     """What convert does before the first byte of data: read the headers, compile and resolve the map."""
     wm = WeightMap.load(map_path)
     with CheckpointReader(src) as reader:
@@ -160,8 +158,9 @@ def print_round(runs: dict[str, list[Measurement]], source_bytes: int, step_byte
     print(
         f"  convert with no rules / safetensors:   {ratio('convert, no rules (a copy)', 'safetensors copy')}"
     )
-    print(f"  (convert - plan only) / safetensors:   {ratio('convert', 'safetensors copy', minus=PLAN_ONLY)}")
-    print(f"  direct reads off / on:                 {ratio('convert, direct reads off', 'convert')}")
+    print(
+        f"  (convert - compile only) / safetensors: {ratio('convert', 'safetensors copy', minus=COMPILE_ONLY)}"
+    )
     bound = 1.1 * plain.peak_rss + step_bytes
     print(
         f"  convert peak RSS {human(conv.peak_rss)} vs safetensors copy {human(plain.peak_rss)}: "
@@ -171,13 +170,13 @@ def print_round(runs: dict[str, list[Measurement]], source_bytes: int, step_byte
     added = {name: human(m.added_rss) for name, m in results.items()}
     print(
         f"  RSS added to the {human(plain.baseline_rss)} interpreter + imports: convert {added['convert']} "
-        f"(plan only {added[PLAN_ONLY]}, largest step {human(step_bytes)}), direct reads off "
-        f"{added['convert, direct reads off']}, reverse {added['convert --reverse']}, "
+        f"(compile only {added[COMPILE_ONLY]}, largest step {human(step_bytes)}), "
+        f"reverse {added['convert --reverse']}, "
         f"safetensors copy {added['safetensors copy']}"
     )
 
 
-PLAN_ONLY = "convert: plan only, no data"
+COMPILE_ONLY = "convert: compile only, no data"
 
 
 def main() -> None:
@@ -234,11 +233,10 @@ def main() -> None:
         variants = {
             "safetensors copy": ("copy_with_safetensors", copy),
             "byte copy (cp)": ("copy_bytes", copy),
-            "convert": ("convert", {**forward, "direct": True}),
-            "convert, direct reads off": ("convert", {**forward, "direct": False}),
-            "convert, no rules (a copy)": ("convert", {**forward, "map_path": str(copy_map), "direct": True}),
-            PLAN_ONLY: ("plan_only", {"src": str(src), "map_path": str(map_path)}),
-            "convert --reverse": ("convert", {**forward, "src": str(fused), "map_path": None, "reverse": True, "direct": True}),
+            "convert": ("convert", forward),
+            "convert, no rules (a copy)": ("convert", {**forward, "map_path": str(copy_map)}),
+            COMPILE_ONLY: ("compile_only", {"src": str(src), "map_path": str(map_path)}),
+            "convert --reverse": ("convert", {**forward, "src": str(fused), "map_path": None, "reverse": True}),
         }  # fmt: skip
         calls = {
             name: lambda f=f, k=k: measure(f"bench_convert:{f}", **k) for name, (f, k) in variants.items()

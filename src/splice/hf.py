@@ -38,7 +38,8 @@ from splice.hf_buffers import materialize_computed_buffers
 from splice.hf_options import LoadCall, loading_info
 from splice.hf_save_checks import check_runtime_layout_reloads, model_to_save
 from splice.transforms import Concat, Reshape, Stack, TensorMeta, Transpose
-from splice.weightmap import Plan, Rule, Step, WeightMap
+from splice.weightmap import CompiledMap as Plan
+from splice.weightmap import Rule, Step, WeightMap
 
 logger = logging.getLogger("splice")
 

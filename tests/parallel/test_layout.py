@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from pieces import shard, unshard
 
 from splice.errors import TransformError, WeightMapError
 from splice.parallel.layout import (
@@ -25,8 +26,6 @@ from splice.parallel.layout import (
     local_reads,
     padded,
     row_rules,
-    shard,
-    unshard,
 )
 from splice.transforms import Pad, PermuteBlocks, RepeatBlocks, TensorMeta, bitwise_equal
 from splice.weightmap import WeightMap

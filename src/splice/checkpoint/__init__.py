@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from splice.errors import CheckpointError
-from splice.transforms import TensorMeta
+from splice.tensors import TensorMeta
 
 from .format import DTYPE_OF_TAG, TAG_OF_DTYPE
 from .reader import DEFAULT_WEIGHTS_NAME, CheckpointReader, TensorSlice

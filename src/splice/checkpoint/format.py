@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from splice.errors import CheckpointError
-from splice.transforms import TensorMeta
+from splice.tensors import TensorMeta
 
 MAX_HEADER_SIZE = 100_000_000
 """Largest header accepted, in bytes; safetensors refuses larger ones too."""

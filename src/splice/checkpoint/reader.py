@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from splice.errors import CheckpointError
-from splice.transforms import TensorMeta
+from splice.tensors import TensorMeta
 
 from ._io import RandomAccessFile, memory_of
 from .atomic import ASIDE_MARKER

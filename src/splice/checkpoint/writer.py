@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from splice.errors import CheckpointError
-from splice.transforms import TensorMeta
+from splice.tensors import TensorMeta
 
 from . import atomic
 from ._io import RandomAccessFile, memory_of

@@ -25,7 +25,8 @@ from splice.errors import FusionError, WeightMapError
 from splice.fusion import forwards, tp_plan
 from splice.fusion.spec import FusionOptions, ModuleFusionSpec, registered_families, resolve_config
 from splice.transforms import TensorMeta
-from splice.weightmap import Plan, Rule, Step, WeightMap
+from splice.weightmap import CompiledMap as Plan
+from splice.weightmap import Rule, Step, WeightMap
 
 STATE_ATTR = "_splice_state"
 

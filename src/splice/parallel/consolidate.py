@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,15 +24,15 @@ from typing import Any
 import torch
 
 from splice.checkpoint import DTYPE_OF_TAG, TAG_OF_DTYPE, CheckpointReader, CheckpointWriter
-from splice.checkpoint.atomic import refuse_foreign_dir
-from splice.checkpoint.paths import copy_side_files, member
+from splice.checkpoint.paths import member
 from splice.errors import CheckpointError, WeightMapError
-from splice.growth import check_step
 from splice.parallel.layout import Read, local_reads, traceable
 from splice.parallel.metadata import read_metadata
 from splice.parallel.shards import METADATA_NAME, RANK_KEY, WORLD_KEY
+from splice.tools import carry_side_files, progress_bar, refuse_overlap
 from splice.transforms import TensorMeta, bitwise_equal
 from splice.weightmap import Step, WeightMap
+from splice.weightmap.growth import check_step
 
 __all__ = ["ConsolidateReport", "consolidate", "run"]
 
@@ -63,7 +62,7 @@ def consolidate(
     started = time.perf_counter()
     shards_dir, out = Path(shards_dir), Path(out_dir)
     document = read_metadata(shards_dir)
-    _refuse_overlap(shards_dir, out)
+    refuse_overlap(shards_dir, out, src_name="SHARDS_DIR", dst_name="OUT_DIR")
     tensors = _tensors(document, shards_dir)
     readers = open_shards(shards_dir, document, tensors)
     warnings: list[str] = []
@@ -74,9 +73,10 @@ def consolidate(
         writer_args, more = _like_source(document.get("source") or {}, produced)
         warnings += more
         with CheckpointWriter(out, **writer_args) as writer:
-            _copy_other_files(shards_dir, writer.staging_dir, document, warnings)
+            skip = {*document["files"], METADATA_NAME}
+            carry_side_files(shards_dir, writer.staging_dir, warnings.append, skip.__contains__)
             total = sum(m.nbytes for m in produced.values())
-            with _progress_bar(progress, total, f"{shards_dir.name} -> {out.name}") as advance:
+            with progress_bar(progress, total, f"{shards_dir.name} -> {out.name}") as advance:
                 for step in steps:
                     for key, tensor in _rebuild(step, recorded, tensors, readers).items():
                         writer.write(key, tensor)
@@ -369,54 +369,6 @@ def _like_source(source: dict[str, Any], produced: dict[str, TensorMeta]) -> tup
     }
     metas = {k: produced[k] for f in files for k in f}
     return {**args, "metas": metas or dict(produced), "shards": files or None}, warnings
-
-
-def _copy_other_files(shards_dir: Path, staging: Path, document: dict[str, Any], warnings: list[str]) -> None:
-    """The shards directory's config and tokenizer files; links out of it are skipped (`copy_side_files`)."""
-    skip = set(document["files"]) | {METADATA_NAME}
-    copy_side_files(
-        shards_dir, staging, lambda name: name in skip or name.endswith(".safetensors"), warnings.append
-    )
-
-
-def _refuse_overlap(shards_dir: Path, out: Path) -> None:
-    src, dst = Path(os.path.realpath(shards_dir)), Path(os.path.realpath(out))
-    if dst == src or src in dst.parents or dst in src.parents:
-        raise CheckpointError(f"refusing to write {out}: it overlaps the shards directory {shards_dir}")
-    refuse_foreign_dir(out, "OUT_DIR")
-
-
-class _progress_bar:
-    """A rich progress bar over bytes written, on stderr when it is a terminal; otherwise silent."""
-
-    def __init__(self, enabled: bool, total: int, description: str):
-        self._progress = None
-        if enabled:
-            from rich.console import Console
-
-            console = Console(stderr=True)
-            if console.is_terminal:
-                from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-                self._progress = Progress(
-                    TextColumn("{task.description}"),
-                    BarColumn(),
-                    DownloadColumn(),
-                    TimeRemainingColumn(),
-                    console=console,
-                    transient=True,
-                )
-                self._task = self._progress.add_task(description, total=total)
-
-    def __enter__(self) -> Callable[[int], None]:
-        if self._progress is None:
-            return lambda n: None
-        self._progress.start()
-        return lambda n: self._progress.advance(self._task, n)
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,8 +55,6 @@ __all__ = [
     "padded",
     "part_rules",
     "row_rules",
-    "shard",
-    "unshard",
 ]
 
 
@@ -76,16 +74,6 @@ def chunk_bounds(size: int, tp: int) -> list[tuple[int, int]]:
         raise ValueError(f"tp must be positive, got {tp}")
     step = -(-size // tp)
     return [(min(r * step, size), min((r + 1) * step, size)) for r in range(tp)]
-
-
-def shard(tensor: torch.Tensor, dim: int, tp: int) -> list[torch.Tensor]:
-    """The ``tp`` local pieces of ``tensor`` cut along ``dim`` (views)."""
-    return [tensor.narrow(dim, a, b - a) for a, b in chunk_bounds(tensor.shape[dim], tp)]
-
-
-def unshard(pieces: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
-    """The global tensor of a list of local pieces: the inverse of :func:`shard`."""
-    return torch.cat(list(pieces), dim)
 
 
 def padded(size: int, tp: int) -> int:

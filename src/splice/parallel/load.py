@@ -40,7 +40,8 @@ from splice.parallel.plan import (
 )
 from splice.parallel.state import ParallelState, source_layout
 from splice.transforms import TensorMeta
-from splice.weightmap import Plan, Step
+from splice.weightmap import CompiledMap as Plan
+from splice.weightmap import Step
 
 logger = logging.getLogger("splice")
 

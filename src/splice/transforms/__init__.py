@@ -25,9 +25,9 @@ Rules every op follows:
   :meth:`Op.resolve` fills those in from input shapes; only a resolved op can be inverted.
 """
 
+from splice.tensors import TensorMeta
 from splice.transforms.base import (
     Op,
-    TensorMeta,
     apply_ops,
     bitwise_equal,
     infer_ops,

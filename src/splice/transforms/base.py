@@ -1,10 +1,9 @@
-"""The op protocol: `TensorMeta`, the `Op` base class, its registry, and the JSON / text forms."""
+"""The op protocol: the `Op` base class, its registry, and the JSON / text forms (`TensorMeta` is in `splice.tensors`)."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import math
 import types
 import typing
 from collections.abc import Sequence
@@ -14,35 +13,10 @@ from typing import Any, ClassVar
 import torch
 
 from splice.errors import TransformError
+from splice.tensors import TensorMeta
 
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """Shape and dtype of a tensor, without its data (from a safetensors header or a meta tensor)."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
-    @classmethod
-    def of(cls, tensor: torch.Tensor) -> TensorMeta:
-        return cls(tuple(tensor.shape), tensor.dtype)
-
-    def empty(self, device: str | torch.device = "meta") -> torch.Tensor:
-        return torch.empty(self.shape, dtype=self.dtype, device=device)
-
-    def __str__(self) -> str:
-        return f"{str(self.dtype).removeprefix('torch.')}{list(self.shape)}"
-
-
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# the integer dtype of each float size, to compare floats bit for bit
+INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -51,9 +25,9 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if a.dtype.is_floating_point or a.dtype.is_complex:
         size = a.dtype.itemsize
-        if size not in _BITS:
+        if size not in INT_OF_SIZE:
             return bool(torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
-        return bool(torch.equal(a.view(_BITS[size]), b.view(_BITS[size])))
+        return bool(torch.equal(a.view(INT_OF_SIZE[size]), b.view(INT_OF_SIZE[size])))
     return bool(torch.equal(a, b))
 
 
@@ -130,22 +104,26 @@ class Op:
         return dim % ndim
 
 
-def _shapes(tensors: Sequence[torch.Tensor]) -> str:
+def shapes_text(tensors: Sequence[torch.Tensor]) -> str:
+    """``[2, 3], [4]``: the shapes of some tensors, for messages."""
     return ", ".join(str(list(t.shape)) for t in tensors)
 
 
-def _tuple(value: Any) -> tuple | None:
+def tuple_or_none(value: Any) -> tuple | None:
+    """A field read from JSON or text as a tuple (lists are not hashable), None staying None."""
     return None if value is None else tuple(value)
 
 
-def _argsort(order: Sequence[int]) -> tuple[int, ...]:
+def argsort(order: Sequence[int]) -> tuple[int, ...]:
+    """The inverse of the permutation ``order``."""
     inverse = [0] * len(order)
     for position, index in enumerate(order):
         inverse[index] = position
     return tuple(inverse)
 
 
-def _check_permutation(op: Op, order: Sequence[int], what: str) -> None:
+def check_permutation(op: Op, order: Sequence[int], what: str) -> None:
+    """Refuse, naming ``op``, an ``order`` that is not a permutation of ``0..len(order) - 1``."""
     if sorted(order) != list(range(len(order))):
         raise op._fail(f"{what} {list(order)} is not a permutation of 0..{len(order) - 1}")
 

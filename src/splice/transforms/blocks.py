@@ -9,7 +9,8 @@ from typing import ClassVar
 
 import torch
 
-from splice.transforms.base import Op, TensorMeta, _argsort, _check_permutation, bitwise_equal, cat
+from splice.tensors import TensorMeta
+from splice.transforms.base import Op, argsort, bitwise_equal, cat, check_permutation
 from splice.transforms.layout import Split
 
 # block permutations: head interleaving, rotary half-splitting, per-rank [q_r | k_r | v_r] layouts
@@ -33,7 +34,7 @@ class PermuteBlocks(Op):
         object.__setattr__(self, "perm", tuple(self.perm))
         if len(self.blocks) != len(self.perm):
             raise self._fail("blocks and perm must have the same length")
-        _check_permutation(self, self.perm, "perm")
+        check_permutation(self, self.perm, "perm")
         if sum(b == -1 for b in self.blocks) > 1 or any(b == 0 or b < -1 for b in self.blocks):
             raise self._fail("blocks must be positive ints, with at most one -1")
 
@@ -67,7 +68,7 @@ class PermuteBlocks(Op):
     def inverted(self) -> PermuteBlocks:
         if not self.resolved:
             raise self._fail("cannot be inverted while blocks holds -1; resolve it against input shapes")
-        return PermuteBlocks(self.dim, tuple(self.blocks[p] for p in self.perm), _argsort(self.perm))
+        return PermuteBlocks(self.dim, tuple(self.blocks[p] for p in self.perm), argsort(self.perm))
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class Reorder(Op):
         object.__setattr__(self, "order", tuple(self.order))
         if len(self.sizes) != len(self.order):
             raise self._fail("sizes and order must have the same length")
-        _check_permutation(self, self.order, "order")
+        check_permutation(self, self.order, "order")
 
     def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         self._expect_count(tensors, 1)
@@ -94,7 +95,7 @@ class Reorder(Op):
         return [cat([segments[i] for i in self.order], dim)]
 
     def inverted(self) -> Reorder:
-        return Reorder(self.dim, tuple(self.sizes[i] for i in self.order), _argsort(self.order))
+        return Reorder(self.dim, tuple(self.sizes[i] for i in self.order), argsort(self.order))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from typing import ClassVar
 
 import torch
 
-from splice.transforms.base import Op, TensorMeta, _shapes, _tuple, cat
+from splice.tensors import TensorMeta
+from splice.transforms.base import Op, cat, shapes_text, tuple_or_none
 
 
 def _check(op: Op, groups: int, sizes: tuple[int, ...] | None) -> None:
@@ -79,7 +80,7 @@ class Interleave(Op):
     sizes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sizes", _tuple(self.sizes))
+        object.__setattr__(self, "sizes", tuple_or_none(self.sizes))
         _check(self, self.groups, self.sizes)
 
     @property
@@ -106,10 +107,10 @@ class Interleave(Op):
         dim = self._dim(self.dim, first.dim())
         for t in tensors:
             if t.dtype != first.dtype or t.dim() != first.dim():
-                raise self._fail(f"inputs must share dtype and rank; got {_shapes(tensors)}")
+                raise self._fail(f"inputs must share dtype and rank; got {shapes_text(tensors)}")
             if any(a != b for i, (a, b) in enumerate(zip(t.shape, first.shape)) if i != dim):
                 raise self._fail(
-                    f"inputs must agree on every dim except {dim}; got shapes {_shapes(tensors)}"
+                    f"inputs must agree on every dim except {dim}; got shapes {shapes_text(tensors)}"
                 )
         sizes = self.sizes or self.resolve([TensorMeta.of(t) for t in tensors]).sizes
         if [t.shape[dim] for t in tensors] != [self.groups * s for s in sizes]:

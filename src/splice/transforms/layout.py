@@ -9,7 +9,8 @@ from typing import ClassVar
 
 import torch
 
-from splice.transforms.base import Op, TensorMeta, _shapes, _tuple, cat, stack
+from splice.tensors import TensorMeta
+from splice.transforms.base import Op, cat, shapes_text, stack, tuple_or_none
 
 # concat <-> split: fusing q/k/v or gate/up along the output dim (uneven sizes for GQA)
 
@@ -23,7 +24,7 @@ class Concat(Op):
     sizes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sizes", _tuple(self.sizes))
+        object.__setattr__(self, "sizes", tuple_or_none(self.sizes))
 
     @property
     def resolved(self) -> bool:
@@ -49,7 +50,7 @@ class Concat(Op):
                 a != b for i, (a, b) in enumerate(zip(t.shape, first.shape)) if i != dim
             ):
                 raise self._fail(
-                    f"inputs must agree on every dim except {dim}; got shapes {_shapes(tensors)}"
+                    f"inputs must agree on every dim except {dim}; got shapes {shapes_text(tensors)}"
                 )
         if self.sizes is not None and tuple(t.shape[dim] for t in tensors) != self.sizes:
             raise self._fail(f"input sizes along dim {dim} are {[t.shape[dim] for t in tensors]}")
@@ -107,7 +108,7 @@ class Stack(Op):
         self._expect_count(tensors, None)
         first = tensors[0]
         if any(t.shape != first.shape or t.dtype != first.dtype for t in tensors):
-            raise self._fail(f"inputs must share shape and dtype; got {_shapes(tensors)}")
+            raise self._fail(f"inputs must share shape and dtype; got {shapes_text(tensors)}")
         self._dim(self.dim, first.dim() + 1)
         return [stack(tensors, self.dim)]
 
@@ -153,7 +154,7 @@ class ConvToLinear(Op):
     kernel: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kernel", _tuple(self.kernel))
+        object.__setattr__(self, "kernel", tuple_or_none(self.kernel))
 
     @property
     def resolved(self) -> bool:
@@ -245,7 +246,7 @@ class Reshape(Op):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(self.shape))
-        object.__setattr__(self, "source", _tuple(self.source))
+        object.__setattr__(self, "source", tuple_or_none(self.source))
         if any(n < 0 for n in self.shape) or any(n < 0 for n in self.source or ()):
             raise self._fail("shapes must be explicit non-negative sizes")
 

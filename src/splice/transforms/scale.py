@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from splice.transforms.base import _BITS, Op, bitwise_equal
+from splice.transforms.base import INT_OF_SIZE, Op, bitwise_equal
 
 # absorb a norm's scale into the input columns of the next Linear
 
@@ -72,7 +72,9 @@ class UnabsorbScale(Op):
 def _check_exact(op: Op, restored: torch.Tensor, original: torch.Tensor, what: str) -> None:
     if bitwise_equal(restored, original):
         return
-    same = restored.view(_BITS[original.dtype.itemsize]) == original.view(_BITS[original.dtype.itemsize])
+    same = restored.view(INT_OF_SIZE[original.dtype.itemsize]) == original.view(
+        INT_OF_SIZE[original.dtype.itemsize]
+    )
     bad = int((~same).sum())
     worst = float((restored.float() - original.float()).abs().nan_to_num(float("inf")).max())
     raise op._fail(

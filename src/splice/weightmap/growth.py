@@ -1,11 +1,11 @@
-"""How much a plan read from a file may make out of what it reads, checked from shapes before anything is allocated.
+"""How much a weight map read from a file may make out of what it reads, checked from shapes before anything is allocated.
 
 The ops of ``splice convert`` and ``splice consolidate`` come from files (a ``--map``, the weight map a
 converted checkpoint records, ``splice-parallel.json``), and a file can say anything:
 ``dedup_blocks(times=10**9)`` recorded for a 4x4 tensor turns, reversed, into a 64 GB allocation. So
 each step is walked op by op on shapes alone, and refused when any op's outputs exceed
 ``MAX_GROWTH`` times the bytes the step reads (plus ``STEP_SLACK``, for the padding of tiny tensors);
-the whole plan may write at most ``MAX_GROWTH`` times what it reads (plus ``PLAN_SLACK``). What a
+all steps together may write at most ``MAX_GROWTH`` times what it reads (plus ``TOTAL_SLACK``). What a
 step reads is the real size of tensors in real files, so work and memory stay bounded by them.
 
 Legitimate layouts stay far below the bound: fusing or renaming keeps the size, tensor-parallel kv
@@ -25,14 +25,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from splice.errors import TransformError, WeightMapError
-from splice.transforms import TensorMeta
-from splice.weightmap import Plan, Step, WeightMap  # noqa: F401  (WeightMap: the doctest)
+from splice.tensors import TensorMeta
+from splice.weightmap.maps import WeightMap  # noqa: F401  (the doctest)
+from splice.weightmap.program import CompiledMap, Step
 
-__all__ = ["MAX_GROWTH", "PLAN_SLACK", "STEP_SLACK", "check_plan", "check_step"]
+__all__ = ["MAX_GROWTH", "STEP_SLACK", "TOTAL_SLACK", "check_compiled", "check_step"]
 
 MAX_GROWTH = 64
 STEP_SLACK = 64_000
-PLAN_SLACK = 1_000_000
+TOTAL_SLACK = 1_000_000
 
 
 def check_step(step: Step, source_metas: Sequence[TensorMeta], where: str) -> list[TensorMeta]:
@@ -69,18 +70,18 @@ def check_step(step: Step, source_metas: Sequence[TensorMeta], where: str) -> li
     return [env[k] for k in step.targets]
 
 
-def check_plan(plan: Plan, where: str) -> None:
-    """`check_step` for every step of a plan compiled with shapes, and the same bound on the whole plan."""
+def check_compiled(compiled: CompiledMap, where: str) -> None:
+    """`check_step` for every step of a map compiled with shapes, and the same bound on all of them together."""
     read = made = 0
-    for step in plan.steps:
+    for step in compiled.steps:
         if step.source_metas is None:
-            raise WeightMapError(f"{where}: the plan was compiled without shapes; cannot bound it")
+            raise WeightMapError(f"{where}: the map was compiled without shapes; cannot bound it")
         made += sum(m.nbytes for m in check_step(step, step.source_metas, where))
         read += sum(m.nbytes for m in step.source_metas)
-    if made > MAX_GROWTH * read + PLAN_SLACK:
+    if made > MAX_GROWTH * read + TOTAL_SLACK:
         raise WeightMapError(
             f"{where}: the conversion would write {_human(made)} out of the {_human(read)} it reads, more than "
-            f"{MAX_GROWTH} times as much (+ {_human(PLAN_SLACK)}); refusing it (is the file hostile or corrupt?)"
+            f"{MAX_GROWTH} times as much (+ {_human(TOTAL_SLACK)}); refusing it (is the file hostile or corrupt?)"
         )
 
 

@@ -1,30 +1,52 @@
-"""Compiling a `WeightMap` against concrete keys (the algorithm half of `splice.weightmap`)."""
+"""Compiling a weight map's stages against concrete keys into a `CompiledMap`; composing stages; resolving op sizes."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from splice.errors import WeightMapError
-from splice.transforms import Op, TensorMeta
-from splice.weightmap import Instr, Plan, Rule, Step, WeightMap, _compact, _resolve_step_ops
+from splice.errors import TransformError, WeightMapError
+from splice.tensors import TensorMeta
+from splice.transforms import Op, resolve_ops
+from splice.weightmap.patterns import compact
+from splice.weightmap.program import CompiledMap, Instr, Step
+from splice.weightmap.rules import Rule
+
+__all__ = ["compile_map", "compile_stage", "resolve_stages", "resolve_step_ops"]
+
+Stages = Sequence[Sequence[Rule]]
 
 
-def compile_map(wm: WeightMap, keys: list[str], metas: Mapping[str, TensorMeta] | None) -> Plan:
+def resolve_step_ops(
+    ops: Sequence[Op], metas: Sequence[TensorMeta], where: str
+) -> tuple[tuple[Op, ...], list[TensorMeta]]:
+    try:
+        return resolve_ops(ops, metas)
+    except (TransformError, RuntimeError, OverflowError, TypeError) as exc:  # torch's own, on absurd sizes
+        shapes = ", ".join(str(m) for m in metas)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightMapError(f"{where}: {reason} (inputs: {shapes})") from None
+
+
+def compile_map(stages: Stages, keys: list[str], metas: Mapping[str, TensorMeta] | None) -> CompiledMap:
+    """The stages of a map, one after the other, over ``keys`` (with shapes when ``metas`` is given)."""
     if len(set(keys)) != len(keys):
         dupes = sorted({k for k in keys if keys.count(k) > 1})
         raise WeightMapError(f"duplicate keys: {dupes[:5]}")
-    plan: Plan | None = None
-    for index, stage in enumerate(wm.stages):
-        stage_plan = compile_stage(stage, keys, metas)
-        plan = stage_plan if plan is None else _compose(plan, stage_plan, index)
-        keys = stage_plan.target_keys
+    compiled: CompiledMap | None = None
+    for index, stage in enumerate(stages):
+        this = compile_stage(stage, keys, metas)
+        compiled = this if compiled is None else _compose(compiled, this, index)
+        keys = this.target_keys
         if metas is not None:
-            metas = stage_plan.target_metas
-    assert plan is not None
-    return plan
+            metas = this.target_metas
+    assert compiled is not None
+    return compiled
 
 
-def compile_stage(rules: Sequence[Rule], keys: Sequence[str], metas: Mapping[str, TensorMeta] | None) -> Plan:
+def compile_stage(
+    rules: Sequence[Rule], keys: Sequence[str], metas: Mapping[str, TensorMeta] | None
+) -> CompiledMap:
+    """One stage: each key claimed by at most one rule, rule groups complete, no target produced twice."""
     literal: dict[str, tuple[int, int]] = {}
     wild: list[tuple[int, int]] = []
     for ri, rule in enumerate(rules):
@@ -85,7 +107,7 @@ def compile_stage(rules: Sequence[Rule], keys: Sequence[str], metas: Mapping[str
             produced[target] = step
     used = {ri for ri, _ in groups}
     unused = [rule for ri, rule in enumerate(rules) if ri not in used]
-    return Plan(steps, unclaimed, unused)
+    return CompiledMap(steps, unclaimed, unused)
 
 
 def _describe(step: Step) -> str:
@@ -124,10 +146,10 @@ def _group_step(
 
     ops: tuple[Op, ...] = rule.ops
     source_metas = target_metas = None
-    where = f"rule {rule} on {_compact(sources)}"
+    where = f"rule {rule} on {compact(sources)}"
     if metas is not None:
         source_metas = tuple(_meta(metas, k) for k in sources)
-        ops, outs = _resolve_step_ops(rule.ops, source_metas, where)
+        ops, outs = resolve_step_ops(rule.ops, source_metas, where)
         target_metas = tuple(outs)
     if any(p.collects for p in rule.targets):
         if len(rule.targets) != 1:
@@ -146,10 +168,10 @@ def _group_step(
 
 
 # --------------------------------------------------------------------------------------------------
-# composing two compiled stages into one plan
+# composing two compiled stages into one
 
 
-def _compose(first: Plan, second: Plan, stage: int) -> Plan:
+def _compose(first: CompiledMap, second: CompiledMap, stage: int) -> CompiledMap:
     producer: dict[str, int] = {}
     for i, step in enumerate(first.steps):
         for target in step.targets:
@@ -175,7 +197,7 @@ def _compose(first: Plan, second: Plan, stage: int) -> Plan:
         components.setdefault(find(n + j), ([], []))[1].append(step)
 
     steps = [_merge(a, b, stage) for _, (a, b) in sorted(components.items())]
-    return Plan(steps, first.unclaimed + second.unclaimed, first.unused_rules + second.unused_rules)
+    return CompiledMap(steps, first.unclaimed + second.unclaimed, first.unused_rules + second.unused_rules)
 
 
 def _merge(firsts: list[Step], seconds: list[Step], stage: int) -> Step:
@@ -265,14 +287,16 @@ def _simplify(
 # resolving a map's op sizes against shapes
 
 
-def resolve_map(wm: WeightMap, metas: Mapping[str, TensorMeta]) -> WeightMap:
-    stages: list[tuple[Rule, ...]] = []
+def resolve_stages(stages: Stages, metas: Mapping[str, TensorMeta]) -> tuple[tuple[Rule, ...], ...]:
+    """The stages with every op's sizes learned from ``metas``; a rule whose groups resolve differently
+    becomes one literal rule per group."""
+    resolved: list[tuple[Rule, ...]] = []
     keys = list(metas)
     current: Mapping[str, TensorMeta] = metas
-    for stage in wm.stages:
-        plan = compile_stage(stage, keys, current)
+    for stage in stages:
+        compiled = compile_stage(stage, keys, current)
         by_rule: dict[str, list[Step]] = {}
-        for step in plan.steps:
+        for step in compiled.steps:
             if step.rule is not None:
                 by_rule.setdefault(step.rule, []).append(step)
         rules: list[Rule] = []
@@ -283,7 +307,7 @@ def resolve_map(wm: WeightMap, metas: Mapping[str, TensorMeta]) -> WeightMap:
                 rules.append(Rule(rule.sources, rule.targets, variants.pop() if variants else rule.ops))
             else:
                 rules += [Rule(s.sources, s.targets, s.program[0].ops) for s in found]
-        stages.append(tuple(rules))
-        keys = plan.target_keys
-        current = plan.target_metas
-    return WeightMap(tuple(stages))
+        resolved.append(tuple(rules))
+        keys = compiled.target_keys
+        current = compiled.target_metas
+    return tuple(resolved)
