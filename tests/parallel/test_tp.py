@@ -65,7 +65,7 @@ def check_common(ranks, ref, world):
         assert torch.equal(out["generated"], ref["generated"]), r
         torch.testing.assert_close(out["loss"], ref["loss"], atol=1e-6, rtol=0)
         assert (
-            "loaded tensor-parallel; LoRA layers on its sharded Linears are not supported"
+            "LoRA layers on its sharded Linears are not supported"
             in out["lora_refused"]
         )
     assert all(r["grads"] is None and r["state_dict"] is None for r in ranks[1:])  # rank 0 gathers

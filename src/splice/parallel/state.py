@@ -48,9 +48,9 @@ class ParallelState:
         model.__dict__[STATE_ATTR] = self
         state = get_state(model)
         if state is None:
-            from splice.fusion.surgery import _ensure_state
+            from splice.fusion.state import ensure_state
 
-            state = _ensure_state(model)
+            state = ensure_state(model)
         state.gather_state_dict = gather_state_dict
         state.finish_save = finish_save
 

@@ -122,13 +122,15 @@ _METHODS = {"add_adapter": _add_adapter, "load_adapter": _load_adapter}
 
 def _refuse_tensor_parallel(model: nn.Module) -> None:
     """PEFT layers on DTensor bases are not wired up: their plain factors would see local shards as whole."""
-    from splice.parallel.state import STATE_ATTR
+    from splice.fusion.tensors import is_dtensor
 
-    if STATE_ATTR in base_model(model).__dict__:
+    base = base_model(model)
+    sharded = next((k for k, p in base.named_parameters() if is_dtensor(p)), None)
+    if sharded is not None:
         raise AdapterError(
-            f"{type(base_model(model)).__name__} is loaded tensor-parallel; LoRA layers on its sharded Linears are "
-            "not supported yet. Train or apply the adapter on an unsharded model (one process), or move the "
-            "adapter tensors with splice.parallel.shard_lora / consolidate_lora"
+            f"{type(base).__name__} is sharded ({sharded} is a DTensor: loaded tensor-parallel, or fully_shard ran); "
+            "LoRA layers on its sharded Linears are not supported yet. Train or apply the adapter on an unsharded "
+            "model (one process), or move the adapter tensors with splice.parallel.shard_lora / consolidate_lora"
         )
 
 
@@ -137,10 +139,9 @@ def _refuse_bypassing_kernels(model: nn.Module, config: Any) -> None:
     from peft.tuners.tuners_utils import check_target_module_exists
 
     from splice.fusion.chain import FusedChain
-    from splice.kernels import compiled
 
     for path, chain in model.named_modules():
-        if not isinstance(chain, FusedChain) or chain.kernel in (None, compiled):
+        if not isinstance(chain, FusedChain) or chain.honours_wrappers:
             continue
         inside = [
             p

@@ -1,4 +1,4 @@
-"""The LoRA layer for splice's parameterless stand-ins, `LinearSlice` and `ConcatLinears`.
+"""The LoRA layer for splice's parameterless Linear stand-ins (`LinearStandIn`: `LinearSlice`, `ConcatLinears`, ...).
 
 PEFT wraps a targeted module in a LoRA layer that keeps it as ``base_layer`` and adds
 ``lora_B(lora_A(dropout(x))) * scaling`` to its output. A stand-in computes the same base output as
@@ -19,9 +19,8 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from splice.fusion.linear import LinearSlice
-from splice.fusion.qkv_split import ConcatLinears
-from splice.peft.addresses import describe, unwrap
+from splice.fusion.contract import LinearStandIn
+from splice.peft.addresses import describe
 from splice.peft.errors import AdapterError
 
 EXACT_INITS = (True, False, "gaussian")  # inits that neither read nor rewrite the base weight
@@ -60,7 +59,7 @@ def refuse_inexact(config: Any, module: nn.Module, where: str) -> None:
 
 
 class VirtualLinearLora(LoraLinear):
-    """PEFT's `lora.Linear` around a `LinearSlice` or `ConcatLinears`, under the original module's name."""
+    """PEFT's `lora.Linear` around a `LinearStandIn`, under the original module's name."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -74,24 +73,9 @@ class VirtualLinearLora(LoraLinear):
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
 
-    def _weight_rows(self) -> list[tuple[nn.Parameter, nn.Parameter | None, slice, slice]]:
+    def _weight_rows(self) -> list[tuple[torch.Tensor, torch.Tensor | None, slice, Any]]:
         """``(weight, bias, rows of that weight, rows of this layer's output)`` for each real weight read."""
-        base = self.get_base_layer()
-        if isinstance(base, LinearSlice):
-            fused = unwrap(base.shared.fused)
-            start, stop = base.shared.bounds[base.index]
-            return [(fused.weight, fused.bias, slice(start, stop), slice(0, stop - start))]
-        rows, offset = [], 0
-        parent = base.__dict__["parent"]
-        for index, name in enumerate(base.names):
-            part = unwrap(getattr(parent, name))
-            size = part.weight.shape[0]
-            out = (
-                base.rows(index) if base.groups > 1 else slice(offset, offset + size)
-            )  # interleaved: indices
-            rows.append((part.weight, part.bias, slice(0, size), out))
-            offset += size
-        return rows
+        return [(r.weight, r.bias, r.rows, r.out) for r in self.get_base_layer().weight_rows()]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """PEFT's merge, written into the rows of the real weights (same arithmetic, so same bits)."""
@@ -148,5 +132,5 @@ class VirtualLinearLora(LoraLinear):
 
 def register(config: Any) -> Any:
     """Let PEFT wrap splice's stand-ins when it applies ``config`` (per config: nothing global changes)."""
-    config._register_custom_module({LinearSlice: VirtualLinearLora, ConcatLinears: VirtualLinearLora})
+    config._register_custom_module({LinearStandIn: VirtualLinearLora})  # PEFT dispatches by isinstance
     return config
