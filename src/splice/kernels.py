@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from splice.errors import FusionError
-from splice.fusion import chain
+from splice.fusion import chain as chain_fusion
 from splice.fusion.chain import FusedChain
 from splice.fusion.forwards import fingerprint
 from splice.fusion.linear import LinearSlice
@@ -71,13 +71,15 @@ def register_kernel(
     )
 
 
-def fuse_modules(model: nn.Module, globs: Sequence[str], *, kernel: str | Kernel | None = None) -> FusionReport:
+def fuse_modules(
+    model: nn.Module, globs: Sequence[str], *, kernel: str | Kernel | None = None
+) -> FusionReport:
     """`splice.fusion.fuse_modules`, then ``kernel`` (a registered name or a callable) plugged into every new chain.
 
     ``splice.fuse_modules(model, ["model.layers.*.post_attention_layernorm", "model.layers.*.mlp"],
     kernel="rms_norm_gated_mlp")``; returns the FusionReport.
     """
-    report = chain.fuse_modules(model, globs)
+    report = chain_fusion.fuse_modules(model, globs)
     if kernel is not None:
         # the chains themselves, not their parents: a parent may hold other chains (norm + MLP beside norm + attention)
         paths = [
@@ -259,4 +261,6 @@ register_kernel("rms_norm_gated_mlp", rms_norm_gated_mlp, matches=_matches_rms_n
 register_kernel(
     "rms_norm_attention", rms_norm_attention, matches=_matches_rms_norm_attention, takes_last_arguments=True
 )
-register_kernel("compiled", compiled, calls_modules=True)  # last: it matches every chain, and "auto" takes the first match
+register_kernel(
+    "compiled", compiled, calls_modules=True
+)  # last: it matches every chain, and "auto" takes the first match

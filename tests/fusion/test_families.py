@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import splice
-from splice.fusion import FusedLayout
 from splice.errors import FusionError
-from splice.fusion import get_state
+from splice.fusion import FusedLayout, get_state
 from splice.fusion.linear import LinearSlice
 from splice.transforms import bitwise_equal
 

@@ -136,7 +136,9 @@ class LinearSlice(LinearStandIn):
         if self.shared.parent is not parent:
             return {}
         group = sorted(
-            (c.index, n) for n, c in children.items() if isinstance(c, LinearSlice) and c.shared is self.shared
+            (c.index, n)
+            for n, c in children.items()
+            if isinstance(c, LinearSlice) and c.shared is self.shared
         )
         sizes = self.shared.sizes
         if len(group) != len(sizes):

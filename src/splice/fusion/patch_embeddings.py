@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from splice.fusion.linear import base_layer
 from splice.fusion.contract import StandIn
+from splice.fusion.linear import base_layer
 from splice.fusion.spec import FusionOptions, ModuleFusionSpec, register_fusion
 from splice.transforms import ConvToLinear
 from splice.weightmap import Rule

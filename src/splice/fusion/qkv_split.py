@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -177,7 +177,9 @@ class ConcatLinears(LinearStandIn):
         for index, name in enumerate(self.names):
             part = base_layer(getattr(self.parent, name))
             size = part.weight.shape[0]
-            out = self.rows(index) if self.groups > 1 else slice(offset, offset + size)  # interleaved: indices
+            out = (
+                self.rows(index) if self.groups > 1 else slice(offset, offset + size)
+            )  # interleaved: indices
             rows.append(WeightRows(part.weight, part.bias, slice(0, size), out))
             offset += size
         return rows
@@ -332,9 +334,7 @@ class QKVSplitSpec(ModuleFusionSpec):
 
     def layout(self, module: nn.Module, options: QKVSplitOptions) -> FusedLayout:  # type: ignore[override]
         name, found = self._target(module, options)  # type: ignore[misc]
-        return FusedLayout(
-            name, found.names, found.part_sizes, found.groups, found.transposed, split=True
-        )
+        return FusedLayout(name, found.names, found.part_sizes, found.groups, found.transposed, split=True)
 
 
 def _qualname(module: nn.Module | None) -> str:

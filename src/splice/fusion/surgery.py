@@ -152,9 +152,7 @@ def _prepare(
         )
     sharded = [k for k, t in tensors.items() if is_dtensor(t)]
     if sharded:
-        raise FusionError(
-            f"{where}: {sharded[0]} {SHARDED}; fuse before fully_shard (or tensor parallelism)"
-        )
+        raise FusionError(f"{where}: {sharded[0]} {SHARDED}; fuse before fully_shard (or tensor parallelism)")
     requires_grad: dict[str, bool] = {}
     for step in steps:
         flags = {k: tensors[k].requires_grad for k in step.sources}

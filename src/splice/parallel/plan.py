@@ -29,7 +29,7 @@ from torch import nn
 from splice.errors import LoadError, TransformError
 from splice.fusion.contract import FusedLayout, StandIn
 from splice.fusion.spec import registered_families
-from splice.fusion.state import FusionRecord, get_state
+from splice.fusion.state import get_state
 from splice.parallel.layout import (
     Part,
     PartLayout,
@@ -253,9 +253,7 @@ def build_layout(model: nn.Module, styles: dict[str, str], tp: int) -> TPLayout:
     return layout
 
 
-def _column_group(
-    layout: FusedLayout, path: str, tp: int, *, padded: bool, fused: bool = True
-) -> Group:
+def _column_group(layout: FusedLayout, path: str, tp: int, *, padded: bool, fused: bool = True) -> Group:
     """The parts of one fused Linear (``fused``) or of separate Linears, laid out for ``tp`` ranks."""
     names, sizes = layout.names, layout.sizes
     where = f"{_prefix(path)}{layout.fused_name}" if fused else path

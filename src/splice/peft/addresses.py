@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any
 
 from torch import nn
 
@@ -148,12 +147,23 @@ class AddressBook:
             if base is child:
                 self._walk(child, path, child_path)
 
-    def _add(self, path: str, name: str, base: nn.Module, group: Membership | None, parent: list[str]) -> None:
+    def _add(
+        self, path: str, name: str, base: nn.Module, group: Membership | None, parent: list[str]
+    ) -> None:
         prefix = ".".join(parent)
         if group is not None:
             whole = group.group if group.group is None or not prefix else f"{prefix}.{group.group}"
             members = tuple(f"{prefix}.{m}" if prefix else m for m in group.members)
-            kind, extra = group.kind, {"group": whole, "members": members, "sizes": group.sizes, "index": group.index, "groups": group.groups}
+            kind, extra = (
+                group.kind,
+                {
+                    "group": whole,
+                    "members": members,
+                    "sizes": group.sizes,
+                    "index": group.index,
+                    "groups": group.groups,
+                },
+            )
         else:
             kind, extra = "module", {}
         linear = kind in ("slice", "concat") or (kind == "module" and _is_linear(base))
