@@ -108,6 +108,27 @@ class LinearStandIn(StandIn):
         """The real weights this stand-in's output is made of, and which of their rows make which output rows."""
         raise NotImplementedError(f"{type(self).__name__} must implement weight_rows()")
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """This stand-in's weight, read from the real ones (a view when it is one block of rows)."""
+        return self._gather(lambda r: r.weight)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        if any(r.bias is None for r in self.weight_rows()):
+            return None
+        return self._gather(lambda r: r.bias)
+
+    def _gather(self, tensor_of) -> torch.Tensor:  # noqa: ANN001
+        parts = self.weight_rows()
+        if len(parts) == 1:
+            return tensor_of(parts[0])[parts[0].rows]
+        first = tensor_of(parts[0])
+        out = first.new_empty((self.out_features, *first.shape[1:]))
+        for part in parts:
+            out[part.out] = tensor_of(part)[part.rows]
+        return out
+
     def memberships(self, parent: nn.Module, children: Mapping[str, nn.Module]) -> dict[str, Membership]:
         """The group this stand-in belongs to among ``children`` (the parent's, unwrapped), by child name.
 
