@@ -190,7 +190,7 @@ def test_lora_by_original_names_matches_vanilla_peft(tmp_path):
 
 
 def test_tensor_parallel_cuts_the_family_by_its_layout():
-    from splice.parallel.plan import build_layout
+    from splice.parallel.sharding import build_layout
 
     model = toy()
     splice.fuse(model, ["test_pair"])

@@ -25,7 +25,7 @@ STATE_ATTR = "_splice_parallel"
 @dataclass
 class ParallelState:
     mesh: Any  # the tensor-parallel DeviceMesh
-    layout: Any  # splice.parallel.plan.TPLayout
+    layout: Any  # splice.parallel.sharding.TPLayout
     checkpoint_map: WeightMap  # checkpoint keys -> TP-global keys, every op resolved
     tensors: dict[str, TensorMeta]  # the TP-global tensors the checkpoint fills, in load order
     source: dict[str, Any]  # the source checkpoint's files, keys, metadata

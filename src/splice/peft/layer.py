@@ -7,6 +7,9 @@ concatenation of the split Linears), so this layer is PEFT's `lora.Linear` with 
 reads the stand-in's sizes, and merging writes the delta into the rows of the real weights the
 stand-in reads, with the same arithmetic as PEFT's merge. It is registered on each LoraConfig through
 PEFT's per-config custom-module dispatch, so no other model or config ever sees it.
+
+Also here: the refusals for a LoRA that could not behave exactly like vanilla LoRA on the original
+model (a variant or init that rewrites a shared weight, sharded weights, a chain kernel that skips it).
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from typing import Any
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
-from peft.tuners.tuners_utils import check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge, check_target_module_exists
 from torch import nn
 
+from splice.fusion.chain import FusedChain
 from splice.fusion.contract import LinearStandIn
-from splice.peft.addresses import describe
+from splice.fusion.tensors import is_dtensor
+from splice.peft.addresses import base_model, describe
 from splice.peft.errors import AdapterError
 
 EXACT_INITS = (True, False, "gaussian")  # inits that neither read nor rewrite the base weight
@@ -56,6 +61,36 @@ def refuse_inexact(config: Any, module: nn.Module, where: str) -> None:
         raise AdapterError(
             f"{where}: fan_in_fan_out=True is for Conv1D weights, but this is {what} of nn.Linear weights"
         )
+
+
+def refuse_sharded(model: nn.Module) -> None:
+    """PEFT layers on DTensor bases are not wired up: their plain factors would see local shards as whole."""
+    base = base_model(model)
+    sharded = next((k for k, p in base.named_parameters() if is_dtensor(p)), None)
+    if sharded is not None:
+        raise AdapterError(
+            f"{type(base).__name__} is sharded ({sharded} is a DTensor: loaded tensor-parallel, or fully_shard ran); "
+            "LoRA layers on its sharded Linears are not supported yet. Train or apply the adapter on an unsharded "
+            "model (one process), or move the adapter tensors with splice.parallel.shard_lora / consolidate_lora"
+        )
+
+
+def refuse_bypassing_kernels(model: nn.Module, config: Any) -> None:
+    """A fused chain whose kernel reads weights directly would skip a LoRA inside it."""
+    for path, chain in model.named_modules():
+        if not isinstance(chain, FusedChain) or chain.honours_wrappers:
+            continue
+        inside = [
+            p
+            for p, _ in chain.named_modules(prefix=path)
+            if p != path and check_target_module_exists(config, p)
+        ]
+        if inside:
+            raise AdapterError(
+                f"{inside[0]} is inside the fused chain at {path}, which runs kernel {chain.kernel_name!r}; that "
+                "kernel reads weights directly and would skip the LoRA. Use splice.kernels.use_kernel(model, None) "
+                "(or 'compiled') first"
+            )
 
 
 class VirtualLinearLora(LoraLinear):
