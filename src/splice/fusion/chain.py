@@ -16,6 +16,7 @@ kernel would skip) or the earlier member's own input (the two are parallel branc
 
 from __future__ import annotations
 
+import difflib
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -26,7 +27,9 @@ from torch import nn
 
 from splice.errors import FusionError
 from splice.fusion.contract import StandIn
+from splice.fusion.discovery import require_module
 from splice.fusion.spec import FusionOptions, ModuleFusionSpec
+from splice.fusion.surgery import fuse, unfuse
 from splice.weightmap import Pattern, Rule
 
 
@@ -233,8 +236,6 @@ class ChainSpec(ModuleFusionSpec):
 
 
 def plan_chains(model: nn.Module, globs: Sequence[str]) -> tuple[list[str], tuple[str, ...]]:
-    import difflib
-
     """Parent paths and member names of the chains the globs select, or a FusionError saying why not."""
     if len(globs) < 2:
         raise FusionError(f"fuse_modules needs at least two module globs, got {list(globs)}")
@@ -286,8 +287,6 @@ def fuse_modules(model: nn.Module, globs: Sequence[str]):
     ``fuse_modules(model, ["model.layers.*.post_attention_layernorm", "model.layers.*.mlp"])``
     returns a FusionReport. ``splice.fuse_modules`` (`splice.kernels.fuse_modules`) also plugs a kernel in.
     """
-    from splice.fusion.surgery import fuse, require_module
-
     require_module(model, "splice.fuse_modules")
     parents, names = plan_chains(model, globs)
     return fuse(model, {"chain": ChainSpec(parents, names)})
@@ -295,8 +294,6 @@ def fuse_modules(model: nn.Module, globs: Sequence[str]):
 
 def unfuse_modules(model: nn.Module) -> int:
     """Undo every `fuse_modules` chain. Returns how many chains were restored."""
-    from splice.fusion.surgery import unfuse
-
     return unfuse(model, family="chain")
 
 

@@ -108,6 +108,12 @@ class LinearStandIn(StandIn):
         """The real weights this stand-in's output is made of, and which of their rows make which output rows."""
         raise NotImplementedError(f"{type(self).__name__} must implement weight_rows()")
 
+    def read_rows(self, start: int, stop: int) -> None:
+        """From now on, compute rows ``start:stop`` of the whole (this rank's rows, under tensor parallelism)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be tensor-parallel: it implements no read_rows()"
+        )
+
     @property
     def weight(self) -> torch.Tensor:
         """This stand-in's weight, read from the real ones (a view when it is one block of rows)."""

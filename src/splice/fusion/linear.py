@@ -50,9 +50,14 @@ class SharedGEMM:
 
     @bounds.setter
     def bounds(self, bounds: tuple[tuple[int, int], ...]) -> None:
-        self._bounds = tuple(tuple(b) for b in bounds)
-        if self._bounds[0][0] != 0 or any(a[1] != b[0] for a, b in zip(self._bounds, self._bounds[1:])):
-            raise ValueError(f"fused part bounds must tile the output from 0: {self._bounds}")
+        bounds = tuple((int(a), int(b)) for a, b in bounds)
+        if bounds[0][0] != 0 or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"fused part bounds must tile the output from 0: {bounds}")
+        self._bounds = bounds
+
+    def set_part(self, index: int, start: int, stop: int) -> None:
+        """Move one part's rows; the parts are moved one by one, so this does not check they tile."""
+        self._bounds = tuple((start, stop) if i == index else b for i, b in enumerate(self._bounds))
 
     @property
     def fused(self) -> nn.Module:
@@ -122,6 +127,10 @@ class LinearSlice(LinearStandIn):
         bias = base_layer(self.shared.fused).bias
         start, stop = self.shared.bounds[self.index]
         return None if bias is None else _local(bias)[start:stop]
+
+    def read_rows(self, start: int, stop: int) -> None:
+        self.shared.set_part(self.index, start, stop)
+        self.out_features = stop - start
 
     def describe(self) -> str:
         start, stop = self.shared.bounds[self.index]

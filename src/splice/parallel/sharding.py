@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from splice.errors import LoadError, TransformError
-from splice.fusion.contract import FusedLayout, StandIn
+from splice.fusion.contract import FusedLayout, LinearStandIn, StandIn
 from splice.fusion.spec import registered_families
 from splice.fusion.state import get_state
 from splice.parallel.layout import (
@@ -313,12 +313,13 @@ def localize(model: nn.Module, layout: TPLayout) -> None:
         if group.fused_name is not None:
             sizes = group.local_sizes
             starts = [sum(sizes[:i]) for i in range(len(sizes))]
-            shared = None
-            for part, size in zip(group.parts, sizes):
+            for part, start, size in zip(group.parts, starts, sizes):
                 piece = parent._modules[part.part.name]
-                piece.out_features = size
-                shared = piece.shared
-            shared.bounds = tuple((s, s + n) for s, n in zip(starts, sizes))
+                if not isinstance(piece, LinearStandIn):
+                    raise LoadError(
+                        f"{group.path}.{part.part.name}: expected a stand-in of the fused {group.fused_name}"
+                    )
+                piece.read_rows(start, start + size)
             fused = parent._modules[group.fused_name]
             fused.out_features = sum(p.global_rows for p in group.parts)
         else:
