@@ -6,7 +6,11 @@ package imports them. The contract a family implements is `splice.fusion.spec.Mo
 `splice.fusion.contract` (the fused-layout record and the stand-in base classes).
 """
 
-from splice.fusion import gate_up, norm_mlp, patch_embeddings, qkv, qkv_split  # noqa: F401  (they register)
+# isort: off
+# the built-in families register themselves when imported, in this order (the order registered_families() lists)
+from splice.fusion import qkv, gate_up, patch_embeddings, norm_mlp, qkv_split  # noqa: F401
+
+# isort: on
 from splice.fusion.chain import FusedChain, PassThrough, fuse_modules, unfuse_modules
 from splice.fusion.contract import FusedLayout, LinearStandIn, Membership, StandIn, WeightRows
 from splice.fusion.discovery import require_module
