@@ -38,12 +38,12 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         FusionReport,
         ModuleFusionSpec,
         fuse,
-        fuse_modules,
         register_fusion,
         unfuse,
         unfuse_modules,
     )
     from splice.hf import from_pretrained, save_pretrained  # noqa: F401
+    from splice.kernels import fuse_modules  # noqa: F401
     from splice.parallel.view import original_state_dict  # noqa: F401
     from splice.weightmap import Rule, WeightMap  # noqa: F401
 
@@ -55,7 +55,7 @@ _LAZY_NAMES = {
     "FusionReport": "splice.fusion",
     "ModuleFusionSpec": "splice.fusion",
     "fuse": "splice.fusion",
-    "fuse_modules": "splice.fusion",
+    "fuse_modules": "splice.kernels",  # fusion's, plus kernel= (a kernel registered by name)
     "original_state_dict": "splice.parallel.view",  # fusion's, or under FSDP2/TP a sharded view
     "register_fusion": "splice.fusion",
     "unfuse": "splice.fusion",

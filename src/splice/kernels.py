@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from splice.errors import FusionError
+from splice.fusion import chain as chain_fusion
 from splice.fusion.chain import FusedChain
 from splice.fusion.forwards import fingerprint
 from splice.fusion.linear import LinearSlice
+from splice.fusion.state import FusionReport
 
 Kernel = Callable[..., Any]
 
@@ -41,6 +43,7 @@ class KernelSpec:
     matches: Callable[[FusedChain], bool]
     doc: str = ""
     takes_last_arguments: bool = False  # see FusedChain.set_kernel
+    calls_modules: bool = False  # see FusedChain.set_kernel
 
 
 _KERNELS: dict[str, KernelSpec] = {}
@@ -53,6 +56,7 @@ def register_kernel(
     matches: Callable[[FusedChain], bool] | None = None,
     replace: bool = False,
     takes_last_arguments: bool = False,
+    calls_modules: bool = False,
 ) -> None:
     """Make ``fn`` usable by name; ``matches(chain)`` says which fused chains it can run.
 
@@ -62,11 +66,30 @@ def register_kernel(
     if name in _KERNELS and not replace:
         raise FusionError(f"kernel {name!r} is already registered; pass replace=True to override it")
     doc = (fn.__doc__ or "").strip()
-    _KERNELS[name] = KernelSpec(name, fn, matches or (lambda chain: True), doc, takes_last_arguments)
+    _KERNELS[name] = KernelSpec(
+        name, fn, matches or (lambda chain: True), doc, takes_last_arguments, calls_modules
+    )
 
 
-def available_kernels() -> dict[str, str]:
-    return {name: spec.doc.splitlines()[0] if spec.doc else "" for name, spec in _KERNELS.items()}
+def fuse_modules(
+    model: nn.Module, globs: Sequence[str], *, kernel: str | Kernel | None = None
+) -> FusionReport:
+    """`splice.fusion.fuse_modules`, then ``kernel`` (a registered name or a callable) plugged into every new chain.
+
+    ``splice.fuse_modules(model, ["model.layers.*.post_attention_layernorm", "model.layers.*.mlp"],
+    kernel="rms_norm_gated_mlp")``; returns the FusionReport.
+    """
+    report = chain_fusion.fuse_modules(model, globs)
+    if kernel is not None:
+        # the chains themselves, not their parents: a parent may hold other chains (norm + MLP beside norm + attention)
+        paths = [
+            f"{r.path}.{name}" if r.path else name
+            for r in report.records
+            for name, module in r.installed.items()
+            if isinstance(module, FusedChain)
+        ]
+        use_kernel(model, kernel, modules=paths)
+    return report
 
 
 def use_kernel(
@@ -97,7 +120,7 @@ def use_kernel(
             spec = next((s for s in _KERNELS.values() if s.matches(chain)), None)
             if spec is None:
                 continue
-            chain.set_kernel(spec.fn, spec.name, takes_last_arguments=spec.takes_last_arguments)
+            _plug(chain, spec)
         else:
             spec = _KERNELS.get(kernel)
             if spec is None:
@@ -106,9 +129,15 @@ def use_kernel(
                 raise FusionError(
                     f"kernel {kernel!r} cannot run the fused chain at {path} ({'+'.join(chain.names)})"
                 )
-            chain.set_kernel(spec.fn, spec.name, takes_last_arguments=spec.takes_last_arguments)
+            _plug(chain, spec)
         changed += 1
     return changed
+
+
+def _plug(chain: FusedChain, spec: KernelSpec) -> None:
+    chain.set_kernel(
+        spec.fn, spec.name, takes_last_arguments=spec.takes_last_arguments, calls_modules=spec.calls_modules
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,4 +261,6 @@ register_kernel("rms_norm_gated_mlp", rms_norm_gated_mlp, matches=_matches_rms_n
 register_kernel(
     "rms_norm_attention", rms_norm_attention, matches=_matches_rms_norm_attention, takes_last_arguments=True
 )
-register_kernel("compiled", compiled)  # last: it matches every chain, and "auto" takes the first match
+register_kernel(
+    "compiled", compiled, calls_modules=True
+)  # last: it matches every chain, and "auto" takes the first match

@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 
 import splice
 from splice.errors import FusionError
-from splice.fusion import get_state
+from splice.fusion import FusedLayout, get_state
 from splice.fusion.linear import LinearSlice
 from splice.transforms import bitwise_equal
 
@@ -153,13 +153,9 @@ def test_qkv_is_gqa_aware_and_keeps_biases():
     assert isinstance(attn.k_proj, LinearSlice) and attn.k_proj.out_features == 32
     assert bitwise_equal(attn.q_proj.bias.detach(), qb)  # slices expose views of the fused parameters
     record = get_state(model).records[0]
-    assert record.layout == {
-        "names": ["q_proj", "k_proj", "v_proj"],
-        "fused_name": "qkv_proj",
-        "sizes": [64, 32, 32],
-        "head_dim": 16,
-        "heads": [4, 2, 2],
-    }
+    assert record.layout == FusedLayout(
+        "qkv_proj", ("q_proj", "k_proj", "v_proj"), (64, 32, 32), attention=True, head_dim=16, heads=(4, 2, 2)
+    )
 
 
 class CountLinear(TorchFunctionMode):

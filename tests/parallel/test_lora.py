@@ -15,7 +15,7 @@ from pieces import shard
 import splice
 from splice.errors import SpliceError, WeightMapError
 from splice.parallel.lora import consolidate_lora, lora_rules, peft_key, shard_lora
-from splice.parallel.plan import build_layout, model_plan, resolve_styles
+from splice.parallel.sharding import build_layout, model_plan, resolve_styles
 from splice.transforms import bitwise_equal
 
 TP, RANK, HIDDEN = 4, 8, 64

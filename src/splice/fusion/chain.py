@@ -16,6 +16,7 @@ kernel would skip) or the earlier member's own input (the two are parallel branc
 
 from __future__ import annotations
 
+import difflib
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -25,7 +26,10 @@ import torch
 from torch import nn
 
 from splice.errors import FusionError
+from splice.fusion.contract import StandIn
+from splice.fusion.discovery import require_module
 from splice.fusion.spec import FusionOptions, ModuleFusionSpec
+from splice.fusion.surgery import fuse, unfuse
 from splice.weightmap import Pattern, Rule
 
 
@@ -64,8 +68,10 @@ class ChainCalls:
         self._local = threading.local()
 
 
-class PassThrough(nn.Module):
+class PassThrough(StandIn):
     """Stands where an earlier module of a fused chain was: records the call, hands on its first input (an alias)."""
+
+    forwards_only: ClassVar[bool] = True
 
     def __init__(self, calls: ChainCalls, index: int, original: str):
         super().__init__()
@@ -85,7 +91,7 @@ class PassThrough(nn.Module):
 Kernel = Callable[..., Any]
 
 
-class FusedChain(nn.Module):
+class FusedChain(StandIn):
     """Owns the modules of a chain and runs them as one: ``kernel(self, *args, **kwargs)`` or in order."""
 
     def __init__(self, names: Sequence[str], modules: Sequence[nn.Module], calls: ChainCalls):
@@ -97,18 +103,32 @@ class FusedChain(nn.Module):
         self.__dict__["kernel"] = None
         self.__dict__["kernel_name"] = None
         self.__dict__["kernel_takes_last_arguments"] = False
+        self.__dict__["kernel_calls_modules"] = True  # no kernel: the members run as they are
 
     def set_kernel(
-        self, kernel: Kernel | None, name: str | None = None, *, takes_last_arguments: bool = False
+        self,
+        kernel: Kernel | None,
+        name: str | None = None,
+        *,
+        takes_last_arguments: bool = False,
+        calls_modules: bool = False,
     ) -> None:
         """Plug ``kernel`` in; ``takes_last_arguments``: it also runs chains whose last member gets more than its input.
 
         Such a kernel is called ``kernel(chain, x, *args, **kwargs)``: the chain's input, then the last member's
         other arguments (a norm + attention chain: the attention's position embeddings, mask, cache, ...).
+        ``calls_modules``: the kernel calls the member modules (so wrappers on them, a LoRA layer say, still
+        run) rather than reading their weights; PEFT refuses adapters inside chains whose kernel does not.
         """
         self.__dict__["kernel"] = kernel
         self.__dict__["kernel_name"] = name if kernel is not None else None
         self.__dict__["kernel_takes_last_arguments"] = takes_last_arguments and kernel is not None
+        self.__dict__["kernel_calls_modules"] = calls_modules or kernel is None
+
+    @property
+    def honours_wrappers(self) -> bool:
+        """Whether a wrapper (a LoRA layer) put on a member runs: no kernel, or one that calls the members."""
+        return self.kernel_calls_modules
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         calls = self.calls.take()
@@ -146,6 +166,12 @@ class FusedChain(nn.Module):
             else:
                 out = modules[-1](*rest_args, **{name: out}, **rest_kwargs)
         return out
+
+    def members(self) -> tuple[str, ...]:
+        return self.names
+
+    def describe(self) -> str:
+        return f"the fused chain {'+'.join(self.names)}"
 
     def _refuse_non_adjacent(self, index: int, *, same_input: bool) -> None:
         earlier, later = self.names[index], self.names[index + 1]
@@ -210,8 +236,6 @@ class ChainSpec(ModuleFusionSpec):
 
 
 def plan_chains(model: nn.Module, globs: Sequence[str]) -> tuple[list[str], tuple[str, ...]]:
-    import difflib
-
     """Parent paths and member names of the chains the globs select, or a FusionError saying why not."""
     if len(globs) < 2:
         raise FusionError(f"fuse_modules needs at least two module globs, got {list(globs)}")
@@ -257,36 +281,20 @@ def plan_chains(model: nn.Module, globs: Sequence[str]) -> tuple[list[str], tupl
     return parents, names
 
 
-def fuse_modules(model: nn.Module, globs: Sequence[str], *, kernel: str | Kernel | None = None):
+def fuse_modules(model: nn.Module, globs: Sequence[str]):
     """Fuse each chain of adjacent sibling modules selected by ``globs`` into one module.
 
-    ``splice.fuse_modules(model, ["model.layers.*.post_attention_layernorm", "model.layers.*.mlp"])``
-    returns a FusionReport; ``kernel`` (a registered name or a callable) is plugged into every chain.
+    ``fuse_modules(model, ["model.layers.*.post_attention_layernorm", "model.layers.*.mlp"])``
+    returns a FusionReport. ``splice.fuse_modules`` (`splice.kernels.fuse_modules`) also plugs a kernel in.
     """
-    from splice.fusion.surgery import fuse, require_module
-
     require_module(model, "splice.fuse_modules")
     parents, names = plan_chains(model, globs)
-    report = fuse(model, {"chain": ChainSpec(parents, names)})
-    if kernel is not None:
-        from splice.kernels import use_kernel
-
-        # the chains themselves, not their parents: a parent may hold other chains (norm + MLP beside norm + attention)
-        use_kernel(
-            model, kernel, modules=[f"{r.path}.{names[-1]}" if r.path else names[-1] for r in report.records]
-        )
-    return report
+    return fuse(model, {"chain": ChainSpec(parents, names)})
 
 
 def unfuse_modules(model: nn.Module) -> int:
     """Undo every `fuse_modules` chain. Returns how many chains were restored."""
-    from splice.fusion.surgery import unfuse
-
     return unfuse(model, family="chain")
-
-
-def fused_chains(model: nn.Module) -> list[tuple[str, FusedChain]]:
-    return [(p, m) for p, m in model.named_modules() if isinstance(m, FusedChain)]
 
 
 __all__ = ["FusedChain", "PassThrough", "fuse_modules", "unfuse_modules", "chain_children", "chain_rules"]

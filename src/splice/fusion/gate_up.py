@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from splice.fusion.linear import SiblingLinearsSpec
+from splice.fusion.spec import register_fusion
 
 
 class GateUpSpec(SiblingLinearsSpec):
@@ -20,3 +21,6 @@ class GateUpSpec(SiblingLinearsSpec):
         ("wi_0", "wi_1"),
     )
     fused_name: ClassVar[str] = "gate_up_proj"
+
+
+register_fusion("gate_up", GateUpSpec())

@@ -16,6 +16,7 @@ modified in place, a write through ``.data``), and at batch-1 decoding it bought
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
+from splice.fusion.contract import FusedLayout, LinearStandIn, Membership, WeightRows
 from splice.fusion.spec import FusionOptions, ModuleFusionSpec
 from splice.transforms import Concat, InsertZeros
 from splice.weightmap import Rule
@@ -48,9 +50,14 @@ class SharedGEMM:
 
     @bounds.setter
     def bounds(self, bounds: tuple[tuple[int, int], ...]) -> None:
-        self._bounds = tuple(tuple(b) for b in bounds)
-        if self._bounds[0][0] != 0 or any(a[1] != b[0] for a, b in zip(self._bounds, self._bounds[1:])):
-            raise ValueError(f"fused part bounds must tile the output from 0: {self._bounds}")
+        bounds = tuple((int(a), int(b)) for a, b in bounds)
+        if bounds[0][0] != 0 or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"fused part bounds must tile the output from 0: {bounds}")
+        self._bounds = bounds
+
+    def set_part(self, index: int, start: int, stop: int) -> None:
+        """Move one part's rows; the parts are moved one by one, so this does not check they tile."""
+        self._bounds = tuple((start, stop) if i == index else b for i, b in enumerate(self._bounds))
 
     @property
     def fused(self) -> nn.Module:
@@ -80,7 +87,7 @@ def _global_hooks() -> bool:
     )
 
 
-class LinearSlice(nn.Module):
+class LinearSlice(LinearStandIn):
     """Stands where one of the fused Linears was, and returns its rows of the fused Linear's output."""
 
     def __init__(self, shared: SharedGEMM, index: int, in_features: int):
@@ -120,6 +127,36 @@ class LinearSlice(nn.Module):
         bias = base_layer(self.shared.fused).bias
         start, stop = self.shared.bounds[self.index]
         return None if bias is None else _local(bias)[start:stop]
+
+    def read_rows(self, start: int, stop: int) -> None:
+        self.shared.set_part(self.index, start, stop)
+        self.out_features = stop - start
+
+    def describe(self) -> str:
+        start, stop = self.shared.bounds[self.index]
+        return f"a slice (rows {start}:{stop}) of the fused {self.shared.fused_name}"
+
+    def weight_rows(self) -> list[WeightRows]:
+        fused = base_layer(self.shared.fused)
+        start, stop = self.shared.bounds[self.index]
+        return [WeightRows(fused.weight, fused.bias, slice(start, stop), slice(0, stop - start))]
+
+    def memberships(self, parent: nn.Module, children: Mapping[str, nn.Module]) -> dict[str, Membership]:
+        if self.shared.parent is not parent:
+            return {}
+        group = sorted(
+            (c.index, n)
+            for n, c in children.items()
+            if isinstance(c, LinearSlice) and c.shared is self.shared
+        )
+        sizes = self.shared.sizes
+        if len(group) != len(sizes):
+            return {}  # a slice was removed by hand; leave the group alone
+        fused = self.shared.fused_name
+        found = {fused: Membership("fused", members=tuple(n for _, n in group), sizes=sizes)}
+        for index, name in group:
+            found[name] = Membership("slice", group=fused, sizes=sizes, index=index)
+        return found
 
     def extra_repr(self) -> str:
         start, stop = self.shared.bounds[self.index]
@@ -194,7 +231,7 @@ class SiblingLinearsSpec(ModuleFusionSpec):
     def names_for(self, module: nn.Module, options: SiblingLinearsOptions) -> tuple[str, ...] | None:
         candidates = (options.names,) if options.names else self.candidate_names
         for names in candidates:
-            if self.why_not(module, names, options) is None:
+            if self._names_problem(module, names, options) is None:
                 return names
         return None
 
@@ -209,10 +246,17 @@ class SiblingLinearsSpec(ModuleFusionSpec):
                 continue
             if all(isinstance(c, nn.Linear) for c in children) and len({c.in_features for c in children}) > 1:
                 return None  # they read different inputs (cross-attention from another width): not a group
-            return self.why_not(module, names, options)
+            return self._names_problem(module, names, options)
         return None
 
-    def why_not(
+    def why_not(self, module: nn.Module, options: SiblingLinearsOptions) -> str | None:  # type: ignore[override]
+        """Why the first spelling's children of ``module`` (when it has them all) cannot be fused."""
+        names = options.names or self.candidate_names[0]
+        if not all(n in module._modules for n in names):
+            return None
+        return self._names_problem(module, tuple(names), options)
+
+    def _names_problem(
         self, module: nn.Module, names: tuple[str, ...], options: SiblingLinearsOptions
     ) -> str | None:
         """None when ``names`` can be fused in ``module``, else the reason."""
@@ -280,11 +324,8 @@ class SiblingLinearsSpec(ModuleFusionSpec):
             rules.append(Rule(tuple(f"{n}.bias" for n in with_bias), (f"{fused_name}.bias",), ops))
         return rules
 
-    def layout(self, module: nn.Module, options: SiblingLinearsOptions) -> dict[str, Any]:  # type: ignore[override]
+    def layout(self, module: nn.Module, options: SiblingLinearsOptions) -> FusedLayout:  # type: ignore[override]
         names = self.names_for(module, options)
         assert names is not None
-        return {
-            "names": list(names),
-            "fused_name": self._fused_name(options),
-            "sizes": [module._modules[n].out_features for n in names],
-        }
+        sizes = tuple(module._modules[n].out_features for n in names)
+        return FusedLayout(self._fused_name(options), tuple(names), sizes)

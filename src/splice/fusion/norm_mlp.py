@@ -17,7 +17,7 @@ from torch import nn
 from splice.errors import FusionError
 from splice.fusion.adjacency import why_not_chain
 from splice.fusion.chain import FusedChain, PassThrough, chain_children, chain_rules
-from splice.fusion.spec import FusionOptions, ModuleFusionSpec
+from splice.fusion.spec import FusionOptions, ModuleFusionSpec, register_fusion
 from splice.weightmap import Rule
 
 PAIRS: tuple[tuple[str, str], ...] = (
@@ -78,3 +78,6 @@ class NormMLPSpec(ModuleFusionSpec):
 
     def make_transforms(self, module: nn.Module, options: NormMLPOptions) -> list[Rule]:  # type: ignore[override]
         return chain_rules(self.pair(module, options))  # type: ignore[arg-type]
+
+
+register_fusion("norm_mlp", NormMLPSpec())

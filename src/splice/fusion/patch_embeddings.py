@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from splice.fusion.contract import StandIn
 from splice.fusion.linear import base_layer
-from splice.fusion.spec import FusionOptions, ModuleFusionSpec
+from splice.fusion.spec import FusionOptions, ModuleFusionSpec, register_fusion
 from splice.transforms import ConvToLinear
 from splice.weightmap import Rule
 
 CONVS = (nn.Conv2d, nn.Conv3d)
 
 
-class ConvAsLinear(nn.Module):
+class ConvAsLinear(StandIn):
     """Stands where a stride == kernel convolution was; runs the parent's ``linear_proj`` on patches."""
 
     def __init__(self, parent: nn.Module, fused_name: str, conv: nn.Module):
@@ -128,10 +129,6 @@ class PatchEmbeddingsSpec(ModuleFusionSpec):
             rules.append(Rule((f"{name}.bias",), (f"{options.fused_name}.bias",)))
         return rules
 
-    def layout(self, module: nn.Module, options: PatchEmbeddingsOptions) -> dict[str, Any]:  # type: ignore[override]
-        conv = module._modules[self.conv_name(module, options)]
-        return {"kernel_size": list(conv.kernel_size), "in_channels": conv.in_channels}
-
 
 def _non_overlapping(conv: nn.Module) -> bool:
     return (
@@ -145,3 +142,6 @@ def _non_overlapping(conv: nn.Module) -> bool:
         and conv.groups == 1
         and conv.padding_mode == "zeros"
     )
+
+
+register_fusion("patch_embeddings", PatchEmbeddingsSpec())

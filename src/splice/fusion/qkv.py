@@ -7,11 +7,14 @@ original call sites share one GEMM without touching the model's attention forwar
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import replace
+from typing import ClassVar
 
 from torch import nn
 
+from splice.fusion.contract import FusedLayout
 from splice.fusion.linear import SiblingLinearsOptions, SiblingLinearsSpec
+from splice.fusion.spec import register_fusion
 
 
 class QKVSpec(SiblingLinearsSpec):
@@ -27,13 +30,23 @@ class QKVSpec(SiblingLinearsSpec):
     )
     fused_name: ClassVar[str] = "qkv_proj"
 
-    def layout(self, module: nn.Module, options: SiblingLinearsOptions) -> dict[str, Any]:  # type: ignore[override]
-        layout = super().layout(module, options)
+    def layout(self, module: nn.Module, options: SiblingLinearsOptions) -> FusedLayout:  # type: ignore[override]
+        fused = super().layout(module, options)
         head_dim = _head_dim(module)
-        if head_dim and all(size % head_dim == 0 for size in layout["sizes"]):
-            layout["head_dim"] = head_dim
-            layout["heads"] = [size // head_dim for size in layout["sizes"]]
-        return layout
+        if head_dim and all(size % head_dim == 0 for size in fused.sizes):
+            heads = tuple(size // head_dim for size in fused.sizes)
+            return replace(fused, attention=True, head_dim=head_dim, heads=heads)
+        return replace(fused, attention=True)
+
+    def tp_group(self, module: nn.Module) -> FusedLayout | None:
+        """An attention's separate q/k/v Linears (plain ``nn.Linear``): TP cuts them by heads, as if fused."""
+        for names in self.candidate_names:
+            if all(type(module._modules.get(n)) is nn.Linear for n in names):
+                return self.layout(module, self.options_class(names=names))
+        return None
+
+
+register_fusion("qkv", QKVSpec())
 
 
 def _head_dim(module: nn.Module) -> int | None:

@@ -15,16 +15,17 @@ by name; ``qkv``/``qkv_proj`` children outside the table are split as ``[q; k; v
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from splice.errors import FusionError
+from splice.fusion.contract import FusedLayout, LinearStandIn, Membership, WeightRows
 from splice.fusion.linear import base_layer, linear_class, linear_problem
-from splice.fusion.spec import FusionOptions, ModuleFusionSpec
+from splice.fusion.spec import FusionOptions, ModuleFusionSpec, register_fusion
 from splice.transforms import Deinterleave, Interleave, Op, Split, Transpose
 from splice.weightmap import Rule
 
@@ -126,7 +127,7 @@ def _prefused(module: nn.Module) -> tuple[str, Callable[[nn.Module], QKVLayout]]
     return None
 
 
-class ConcatLinears(nn.Module):
+class ConcatLinears(LinearStandIn):
     """Stands where the fused qkv Linear was; calls the separate Linears and lays out their outputs as it did."""
 
     def __init__(
@@ -167,6 +168,31 @@ class ConcatLinears(nn.Module):
         sizes = [base_layer(getattr(self.parent, n)).out_features for n in self.names]
         positions = self._join([torch.full((s,), i) for i, s in enumerate(sizes)], 0)
         return torch.nonzero(positions == index).flatten()
+
+    def describe(self) -> str:
+        return f"the concatenation of the split {', '.join(self.names)}"
+
+    def weight_rows(self) -> list[WeightRows]:
+        rows, offset = [], 0
+        for index, name in enumerate(self.names):
+            part = base_layer(getattr(self.parent, name))
+            size = part.weight.shape[0]
+            out = (
+                self.rows(index) if self.groups > 1 else slice(offset, offset + size)
+            )  # interleaved: indices
+            rows.append(WeightRows(part.weight, part.bias, slice(0, size), out))
+            offset += size
+        return rows
+
+    def memberships(self, parent: nn.Module, children: Mapping[str, nn.Module]) -> dict[str, Membership]:
+        if self.parent is not parent or not all(n in children for n in self.names):
+            return {}
+        whole = next(n for n, c in children.items() if c is self)
+        sizes = tuple(children[n].out_features for n in self.names)
+        found = {whole: Membership("concat", members=self.names, sizes=sizes, groups=self.groups)}
+        for index, part in enumerate(self.names):
+            found[part] = Membership("part", group=whole, sizes=sizes, index=index, groups=self.groups)
+        return found
 
     def extra_repr(self) -> str:
         layout = f" in {self.groups} groups" if self.groups > 1 else ""
@@ -306,14 +332,9 @@ class QKVSplitSpec(ModuleFusionSpec):
             rules.append(Rule((f"{name}.bias",), tuple(f"{n}.bias" for n in layout.names), (split,)))
         return rules
 
-    def layout(self, module: nn.Module, options: QKVSplitOptions) -> dict[str, Any]:  # type: ignore[override]
-        name, layout = self._target(module, options)  # type: ignore[misc]
-        found = {"fused_name": name, "names": list(layout.names), "sizes": list(layout.part_sizes)}
-        if layout.groups > 1:
-            found["groups"] = layout.groups
-        if layout.transposed:
-            found["transposed"] = True
-        return found
+    def layout(self, module: nn.Module, options: QKVSplitOptions) -> FusedLayout:  # type: ignore[override]
+        name, found = self._target(module, options)  # type: ignore[misc]
+        return FusedLayout(name, found.names, found.part_sizes, found.groups, found.transposed, split=True)
 
 
 def _qualname(module: nn.Module | None) -> str:
@@ -334,3 +355,6 @@ def _sizes_from_heads(module: nn.Module, total: int) -> tuple[int, int, int] | N
 
 def _thirds(total: int, parts: int) -> tuple[int, ...] | None:
     return (total // parts,) * parts if total % parts == 0 else None
+
+
+register_fusion("qkv_split", QKVSplitSpec())

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from splice.errors import FusionError
+from splice.fusion.contract import FusedLayout
 from splice.transforms.base import conform, describe_type
 from splice.weightmap import Rule
 
@@ -31,7 +32,7 @@ class FusionOptions:
 
 
 class ModuleFusionSpec:
-    """One fusion family. Subclass it and implement the four members below.
+    """One fusion family. Subclass it, implement the four members below, and register an instance.
 
     - ``target_modules_patterns``: globs over module paths of the modules to consider (the *parents*
       whose children get fused), e.g. ``("*",)`` or ``("model.layers.*",)``.
@@ -41,6 +42,12 @@ class ModuleFusionSpec:
       the surgery fills their weights by running the rules below on the originals.
     - ``make_transforms(module, options)``: WeightMap rules over keys relative to ``module``, from the
       original layout to the fused one. Ops must be resolved (sizes known), so they invert exactly.
+
+    Optional hooks: ``refusal`` and ``why_not`` (what the errors say), ``layout`` (where fused parts sit,
+    for TP and LoRA), ``tp_group`` (what TP cuts together in an unfused model). Modules the family
+    installs in place of originals subclass `splice.fusion.contract.StandIn` (or `LinearStandIn`), so
+    PEFT, TP and kernels handle them without knowing the family. A family lives in one file that ends
+    with ``register_fusion("name", Spec())``.
     """
 
     name: ClassVar[str] = ""
@@ -70,9 +77,29 @@ class ModuleFusionSpec:
         """What this family looks for, for the error raised when it finds nothing."""
         return f"modules where {type(self).__name__}.is_fusable() is true"
 
-    def layout(self, module: nn.Module, options: FusionOptions) -> dict[str, Any]:
-        """Extra facts about one fused instance (head counts, ...), recorded for TP and LoRA."""
-        return {}
+    def why_not(self, module: nn.Module, options: FusionOptions) -> str | None:
+        """Why ``module`` is not fusable, for the error raised when the family finds nothing to fuse.
+
+        Called on the modules the family looked at, in order; the first reason is shown. None: nothing
+        to say about this module (the default).
+        """
+        return None
+
+    def layout(self, module: nn.Module, options: FusionOptions) -> FusedLayout | None:
+        """Where the parts of this fused instance sit in their whole (`FusedLayout`), recorded for TP and LoRA.
+
+        None (the default) for a family whose parts are not rows of one whole: tensor parallelism then
+        leaves its modules replicated.
+        """
+        return None
+
+    def tp_group(self, module: nn.Module) -> FusedLayout | None:
+        """Unfused children of ``module`` that tensor parallelism must cut together, laid out as this family would fuse them.
+
+        An attention's separate q/k/v Linears, say: cut by heads, with the k/v heads replicated when
+        there are fewer than ranks. None (the default): this family knows no such group here.
+        """
+        return None
 
     # -- options -------------------------------------------------------------------------------------
 

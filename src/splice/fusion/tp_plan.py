@@ -78,7 +78,7 @@ def _rewrite(entry: OwnerPlan, records: list[Any]) -> dict[str, Any]:
     owner_path = {id(m): p for p, m in entry.owner.named_modules()}
     replaced = {}  # id of an original module -> path of the fused module that now holds its weights
     for record in records:
-        fused = record.layout.get("fused_name")
+        fused = None if record.layout is None else record.layout.fused_name
         parent = owner_path.get(id(record.parent))
         if fused is None or parent is None:
             continue

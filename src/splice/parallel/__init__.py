@@ -10,7 +10,7 @@
 
 - `splice.parallel.layout`: the pure maths (per-rank interleaving of fused parts, kv replication,
   padding, which checkpoint rows make up a rank's shard), as reversible WeightMap rules.
-- `splice.parallel.plan`: a model's Transformers TP plan, rewritten for its fused modules.
+- `splice.parallel.sharding`: a model's Transformers TP plan, rewritten for its fused modules.
 - `splice.parallel.load`: the loader (`from_pretrained_tp`).
 - `splice.parallel.shards` / `splice.parallel.consolidate`: per-rank files and rebuilding the original
   (``splice.parallel.consolidate.consolidate(shards_dir, out_dir)``, or ``splice consolidate``).

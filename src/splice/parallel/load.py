@@ -1,7 +1,7 @@
 """``splice.from_pretrained(..., tp_plan="auto")``: each rank reads its own slices of the original checkpoint.
 
 The model is built on the meta device and fused there (`splice.hf.prepare`). The model's TP plan is
-rewritten for the fused layout (`splice.parallel.plan`), and one WeightMap is compiled from the
+rewritten for the fused layout (`splice.parallel.sharding`), and one WeightMap is compiled from the
 checkpoint's keys to the *TP-global* keys: transformers' renames, the fusion undone, then the TP layout
 (parts made divisible, fused parts interleaved per rank). For each sharded weight the rank runs that
 step's ops on row numbers (`splice.parallel.layout.local_reads`) to learn which rows of which
@@ -28,7 +28,7 @@ from splice.checkpoint import CheckpointReader
 from splice.errors import LoadError, WeightMapError
 from splice.hf import load_step, prepare, remember_source, set_tensor
 from splice.parallel.layout import chunk_bounds, local_reads
-from splice.parallel.plan import (
+from splice.parallel.sharding import (
     COLUMN,
     EMBEDDING,
     ROW,

@@ -24,7 +24,7 @@ import torch
 
 from splice.errors import SpliceError
 from splice.parallel.layout import chunk_bounds, layout_map
-from splice.parallel.plan import COLUMN, EMBEDDING, ROW, TPLayout
+from splice.parallel.sharding import COLUMN, EMBEDDING, ROW, TPLayout
 from splice.transforms import Op, bitwise_equal
 from splice.weightmap import Rule, WeightMap
 

@@ -25,7 +25,7 @@ STATE_ATTR = "_splice_parallel"
 @dataclass
 class ParallelState:
     mesh: Any  # the tensor-parallel DeviceMesh
-    layout: Any  # splice.parallel.plan.TPLayout
+    layout: Any  # splice.parallel.sharding.TPLayout
     checkpoint_map: WeightMap  # checkpoint keys -> TP-global keys, every op resolved
     tensors: dict[str, TensorMeta]  # the TP-global tensors the checkpoint fills, in load order
     source: dict[str, Any]  # the source checkpoint's files, keys, metadata
@@ -48,9 +48,9 @@ class ParallelState:
         model.__dict__[STATE_ATTR] = self
         state = get_state(model)
         if state is None:
-            from splice.fusion.surgery import _ensure_state
+            from splice.fusion.state import ensure_state
 
-            state = _ensure_state(model)
+            state = ensure_state(model)
         state.gather_state_dict = gather_state_dict
         state.finish_save = finish_save
 

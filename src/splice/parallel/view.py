@@ -76,7 +76,7 @@ def original_state_dict(
     out = dict(runtime)
     for record in state.records:
         prefix = f"{record.path}." if record.path else ""
-        for step in record.plan.steps:
+        for step in record.program.steps:
             if step.rule is not None:
                 _view_step(step, prefix, runtime, out, f"{record.family!r} at {record.path or '<root>'}")
     order = {k: i for i, k in enumerate(state.original_keys)}

@@ -2,7 +2,7 @@
 
 ``get_peft_model`` adapts the config (`splice.peft.config`) and hands it to PEFT; PEFT then builds an
 ordinary `PeftModel`, whose LoRA parameters have vanilla names (``...q_proj.lora_A.default.weight``).
-``save_adapter`` plans the LoRAs of the original model (`splice.peft.plan`), writes them in PEFT's own
+``save_adapter`` maps the LoRAs of the original model (`splice.peft.lora_map`), writes them in PEFT's own
 format and records in the file's metadata what it stacked or split, so that ``load_adapter`` onto the
 same layout gives back the same LoRAs; any other vanilla adapter loads as it is, on its original names.
 """
@@ -33,7 +33,16 @@ from splice.peft.config import (
     translate_modules_to_save,
 )
 from splice.peft.errors import AdapterError
-from splice.peft.plan import Block, Plan, Same, describe_stacks, materialize, plan_original, plan_runtime
+from splice.peft.layer import refuse_bypassing_kernels, refuse_sharded
+from splice.peft.lora_map import (
+    Block,
+    LoraMap,
+    Same,
+    describe_stacks,
+    map_to_original,
+    map_to_runtime,
+    materialize,
+)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -57,9 +66,9 @@ def get_peft_model(
     """
     import peft
 
-    _refuse_tensor_parallel(model)
+    refuse_sharded(model)
     config = adapt_peft_config(model, lora_config)
-    _refuse_bypassing_kernels(base_model(model), config)
+    refuse_bypassing_kernels(base_model(model), config)
     if isinstance(model, peft.PeftModel):
         type(model).add_adapter(model, adapter_name, config, **kwargs)
         return model
@@ -92,7 +101,7 @@ def _add_adapter(self: Any, adapter_name: str, peft_config: Any, *args: Any, **k
 
     if isinstance(peft_config, LoraConfig):
         peft_config = adapt_peft_config(self, peft_config)
-        _refuse_bypassing_kernels(base_model(self), peft_config)
+        refuse_bypassing_kernels(base_model(self), peft_config)
     return type(self).add_adapter(self, adapter_name, peft_config, *args, **kwargs)
 
 
@@ -118,41 +127,6 @@ def _load_adapter(
 
 
 _METHODS = {"add_adapter": _add_adapter, "load_adapter": _load_adapter}
-
-
-def _refuse_tensor_parallel(model: nn.Module) -> None:
-    """PEFT layers on DTensor bases are not wired up: their plain factors would see local shards as whole."""
-    from splice.parallel.state import STATE_ATTR
-
-    if STATE_ATTR in base_model(model).__dict__:
-        raise AdapterError(
-            f"{type(base_model(model)).__name__} is loaded tensor-parallel; LoRA layers on its sharded Linears are "
-            "not supported yet. Train or apply the adapter on an unsharded model (one process), or move the "
-            "adapter tensors with splice.parallel.shard_lora / consolidate_lora"
-        )
-
-
-def _refuse_bypassing_kernels(model: nn.Module, config: Any) -> None:
-    """A fused chain whose kernel reads weights directly would skip a LoRA inside it."""
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    from splice.fusion.chain import FusedChain
-    from splice.kernels import compiled
-
-    for path, chain in model.named_modules():
-        if not isinstance(chain, FusedChain) or chain.kernel in (None, compiled):
-            continue
-        inside = [
-            p
-            for p, _ in chain.named_modules(prefix=path)
-            if p != path and check_target_module_exists(config, p)
-        ]
-        if inside:
-            raise AdapterError(
-                f"{inside[0]} is inside the fused chain at {path}, which runs kernel {chain.kernel_name!r}; that "
-                "kernel reads weights directly and would skip the LoRA. Use splice.kernels.use_kernel(model, None) "
-                "(or 'compiled') first"
-            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,13 +157,13 @@ def save_adapter(
         config = peft_model.peft_config[adapter]
         _check_lora(config)
         specs = _layer_specs(book, adapter)
-        plan = plan_original(book, specs, blocks_of(peft_model, adapter))
+        lora_map = map_to_original(book, specs, blocks_of(peft_model, adapter))
         state = get_peft_model_state_dict(peft_model, adapter_name=adapter)
-        tensors, cols = _original_tensors(state, plan, book)
-        metadata = describe_stacks(plan, book, specs, cols)
-        original = original_config(config, plan, book)
+        tensors, cols = _original_tensors(state, lora_map, book)
+        metadata = describe_stacks(lora_map, book, specs, cols)
+        original = original_config(config, lora_map, book)
         original.inference_mode = True
-        if any(getattr(book.named(name).module, "transposed", False) for name in plan):
+        if any(getattr(book.named(name).module, "transposed", False) for name in lora_map):
             original.fan_in_fan_out = True  # the original Linear there is a Conv1D (GPT-2's c_attn)
         if original.base_model_name_or_path is None:
             original.base_model_name_or_path = book.model.__dict__.get("name_or_path") or None
@@ -216,7 +190,7 @@ def _layer_specs(book: AddressBook, adapter: str) -> dict[str, LoraSpec]:
 
 
 def _original_tensors(
-    state: dict[str, torch.Tensor], plan: Plan, book: AddressBook
+    state: dict[str, torch.Tensor], lora_map: LoraMap, book: AddressBook
 ) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
     loras: dict[str, dict[str, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
@@ -233,7 +207,7 @@ def _original_tensors(
                 "the original model has no such tensor, so a vanilla adapter cannot hold it"
             )
     cols = {}
-    for name, (spec, source) in plan.items():
+    for name, (spec, source) in lora_map.items():
         if isinstance(source, Same):  # moved whole: every tensor of the layer (DoRA magnitudes too)
             out.update({f"{PREFIX}{name}.{rest}": t for rest, t in loras[source.path].items()})
             continue
@@ -322,7 +296,7 @@ def load_adapter(
             "fuse_lora=True builds block-diagonal LoRAs for inference; training them would let the zero blocks "
             "learn (k would change where the adapter only targets q and v). Load with fuse_lora=False to train"
         )
-    _refuse_tensor_parallel(model)
+    refuse_sharded(model)
     config = peft.PeftConfig.from_pretrained(str(adapter_dir))
     _check_lora(config)
     state, metadata = _read(Path(adapter_dir))
@@ -334,10 +308,10 @@ def load_adapter(
         )
     specs = {name: _checked_spec(config, name, tensors) for name, tensors in loras.items()}
     weights = {name: _plain_factors(tensors) for name, tensors in loras.items()}
-    plan, blocks = plan_runtime(book, specs, weights, metadata, fuse_lora=fuse_lora)
-    _refuse_inexact(config, [book.by_runtime[p] for p in plan], book)
+    lora_map, blocks = map_to_runtime(book, specs, weights, metadata, fuse_lora=fuse_lora)
+    _refuse_inexact(config, [book.by_runtime[p] for p in lora_map], book)
 
-    runtime_specs = {path: spec for path, (spec, _) in plan.items()}
+    runtime_specs = {path: spec for path, (spec, _) in lora_map.items()}
     runtime_config = describe_config(
         config,
         runtime_specs,
@@ -348,12 +322,12 @@ def load_adapter(
     mark_runtime(runtime_config)
     runtime_config.inference_mode = not is_trainable
     if runtime_config.fan_in_fan_out and not any(
-        type(book.by_runtime[p].module).__name__ == "Conv1D" for p in plan
+        type(book.by_runtime[p].module).__name__ == "Conv1D" for p in lora_map
     ):  # written for GPT-2's Conv1D c_attn; here its split parts are nn.Linear
         runtime_config.fan_in_fan_out = False
 
     tensors = dict(others)
-    for path, (spec, source) in plan.items():
+    for path, (spec, source) in lora_map.items():
         if isinstance(source, Same):
             tensors.update({f"{PREFIX}{path}.{rest}": t for rest, t in loras[source.path].items()})
         else:
@@ -364,7 +338,7 @@ def load_adapter(
         type(model).add_adapter(model, adapter_name, runtime_config)
         peft_model = model
     else:
-        _refuse_bypassing_kernels(model, runtime_config)
+        refuse_bypassing_kernels(model, runtime_config)
         peft_model = peft.get_peft_model(model, runtime_config, adapter_name=adapter_name)
         _install(peft_model)
     result = set_peft_model_state_dict(peft_model, tensors, adapter_name=adapter_name)

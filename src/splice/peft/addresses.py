@@ -13,8 +13,10 @@ ranks and adapter keys can move between the two trees:
 kind       what it is                                                       in the original?
 =========  ===============================================================  ==================
 module     a module splice did not replace (maybe moved by chain fusion)    yes
-slice      a `LinearSlice`: an original Linear, rows of a fused Linear      yes
-concat     a `ConcatLinears`: an original fused Linear, split into parts    yes
+slice      a `LinearStandIn` (`LinearSlice`): an original Linear, rows of   yes
+           a fused Linear
+concat     a `LinearStandIn` (`ConcatLinears`): an original fused Linear,   yes
+           split into parts
 fused      the fused Linear of some slices (``qkv_proj`` of a fused Llama)  no: rows of slices
 part       one Linear of a split (``q`` of a split SAM)                     no: rows of a concat
 =========  ===============================================================  ==================
@@ -24,13 +26,10 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any
 
 from torch import nn
 
-from splice.fusion.chain import FusedChain, PassThrough
-from splice.fusion.linear import LinearSlice
-from splice.fusion.qkv_split import ConcatLinears
+from splice.fusion.contract import LinearStandIn, Membership, StandIn
 from splice.peft.errors import AdapterError
 
 
@@ -69,12 +68,7 @@ class Address:
 
 def describe(module: nn.Module) -> str:
     """What a stand-in is, for error messages: ``a slice (rows 0:64) of the fused qkv_proj``."""
-    if isinstance(module, LinearSlice):
-        start, stop = module.shared.bounds[module.index]
-        return f"a slice (rows {start}:{stop}) of the fused {module.shared.fused_name}"
-    if isinstance(module, ConcatLinears):
-        return f"the concatenation of the split {', '.join(module.names)}"
-    return type(module).__name__
+    return module.describe() if isinstance(module, StandIn) else type(module).__name__
 
 
 class AddressBook:
@@ -138,33 +132,42 @@ class AddressBook:
             if child is None:
                 continue
             path = f"{runtime}.{child_name}" if runtime else child_name
-            if isinstance(module, FusedChain) and child_name in module.names:
+            if isinstance(module, StandIn) and child_name in module.members():
                 child_path = [*name[:-1], child_name]  # a chain member stood beside the chain's slot
             else:
                 child_path = [*name, child_name]
             self.runtime_paths.append(path)
             base = unwrap(child)
-            if isinstance(base, PassThrough):
+            if isinstance(base, StandIn) and base.forwards_only:
                 continue
-            if isinstance(base, FusedChain):
+            if isinstance(base, StandIn) and base.members():
                 self._walk(base, path, child_path)
                 continue
             self._add(path, ".".join(child_path), base, groups.get(child_name), name)
             if base is child:
                 self._walk(child, path, child_path)
 
-    def _add(self, path: str, name: str, base: nn.Module, group: dict | None, parent: list[str]) -> None:
+    def _add(
+        self, path: str, name: str, base: nn.Module, group: Membership | None, parent: list[str]
+    ) -> None:
         prefix = ".".join(parent)
         if group is not None:
-            group = dict(group)
-            if group.get("group") is not None:
-                group["group"] = f"{prefix}.{group['group']}" if prefix else group["group"]
-            group["members"] = tuple(f"{prefix}.{m}" if prefix else m for m in group.get("members", ()))
-            kind = group.pop("kind")
+            whole = group.group if group.group is None or not prefix else f"{prefix}.{group.group}"
+            members = tuple(f"{prefix}.{m}" if prefix else m for m in group.members)
+            kind, extra = (
+                group.kind,
+                {
+                    "group": whole,
+                    "members": members,
+                    "sizes": group.sizes,
+                    "index": group.index,
+                    "groups": group.groups,
+                },
+            )
         else:
-            kind, group = "module", {}
+            kind, extra = "module", {}
         linear = kind in ("slice", "concat") or (kind == "module" and _is_linear(base))
-        address = Address(path, name, kind, base, linear, **group)
+        address = Address(path, name, kind, base, linear, **extra)
         if name in self.by_name:
             raise AdapterError(
                 f"two modules of the model map to the original path {name!r}: {path} and {self.by_name[name].runtime}"
@@ -173,42 +176,13 @@ class AddressBook:
         self.by_name[name] = address
 
 
-def _groups(module: nn.Module) -> dict[str, dict[str, Any]]:
-    """The fused/split groups among a module's children, by child name."""
-    found: dict[str, dict[str, Any]] = {}
+def _groups(module: nn.Module) -> dict[str, Membership]:
+    """The fused/split groups among a module's children, by child name, as their stand-ins report them."""
     children = {n: unwrap(c) for n, c in module._modules.items() if c is not None}
-    slices: dict[int, list[tuple[int, str, LinearSlice]]] = {}
-    for child_name, child in children.items():
-        if isinstance(child, LinearSlice) and child.shared.parent is module:
-            slices.setdefault(id(child.shared), []).append((child.index, child_name, child))
-        elif isinstance(child, ConcatLinears) and child.__dict__.get("parent") is module:
-            sizes = tuple(unwrap(getattr(module, n)).out_features for n in child.names)
-            groups = child.groups
-            found[child_name] = {
-                "kind": "concat",
-                "members": tuple(child.names),
-                "sizes": sizes,
-                "groups": groups,
-            }
-            for index, part in enumerate(child.names):
-                found[part] = {
-                    "kind": "part",
-                    "group": child_name,
-                    "sizes": sizes,
-                    "index": index,
-                    "groups": groups,
-                }
-    for group in slices.values():
-        group.sort()
-        shared = group[0][2].shared
-        names = tuple(n for _, n, _ in group)
-        if len(names) != len(shared.sizes):
-            continue  # a slice was removed by hand; leave the group alone
-        found[shared.fused_name] = {"kind": "fused", "members": names, "sizes": shared.sizes}
-        for index, child_name, _ in group:
-            found[child_name] = {
-                "kind": "slice", "group": shared.fused_name, "sizes": shared.sizes, "index": index,
-            }  # fmt: skip
+    found: dict[str, Membership] = {}
+    for child in children.values():
+        if isinstance(child, LinearStandIn):
+            found.update(child.memberships(module, children))
     return found
 
 

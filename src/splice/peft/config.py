@@ -5,7 +5,7 @@ a regex, or ``"all-linear"``; ``rank_pattern``, ``alpha_pattern`` and ``modules_
 names too. `adapt_peft_config` resolves it the way PEFT would on the original model (PEFT's own
 matching function, run over original paths), then writes a config that selects exactly the same
 modules in the runtime tree, with the same rank and alpha each. `to_original_peft_config` goes back:
-LoRAs on modules the original model lacks become LoRAs on the modules it has (`splice.peft.plan`).
+LoRAs on modules the original model lacks become LoRAs on the modules it has (`splice.peft.lora_map`).
 
 Each rewritten field keeps the user's spelling when it still selects the same thing at runtime, else
 the leaf names, else full paths, so configs stay readable and always exact.
@@ -28,7 +28,7 @@ from splice.peft.addresses import Address, AddressBook, close_names
 from splice.peft.algebra import LoraSpec
 from splice.peft.errors import AdapterError
 from splice.peft.layer import active_variants, register
-from splice.peft.plan import Block, Plan, plan_original
+from splice.peft.lora_map import Block, LoraMap, map_to_original
 
 RUNTIME_MARK = "_splice_runtime"  # set on configs written for the runtime tree (not serialized by PEFT)
 _UNSUPPORTED_FIELDS = {
@@ -145,7 +145,7 @@ def adapt_peft_config(model: Any, lora_config: Any) -> Any:
     chosen = select(lora_config, book)
     specs = {a.runtime: lora_spec(lora_config, a.name) for a in chosen}
     _refuse_inexact(lora_config, chosen, book)
-    plan_original(book, specs)  # raises now when the adapter could never be saved in the original layout
+    map_to_original(book, specs)  # raises now when the adapter could never be saved in the original layout
     runtime = describe_config(
         lora_config,
         specs,
@@ -176,14 +176,14 @@ def to_original_peft_config(model: Any, lora_config: Any) -> Any:
             f"to_original_peft_config: target_modules={_show(lora_config.target_modules)} selects no module of this model"
         )
     specs = {a.runtime: lora_spec(lora_config, a.runtime) for a in chosen}
-    plan = plan_original(book, specs, blocks_of(model, _adapter_of(model, lora_config)))
-    return original_config(lora_config, plan, book)
+    lora_map = map_to_original(book, specs, blocks_of(model, _adapter_of(model, lora_config)))
+    return original_config(lora_config, lora_map, book)
 
 
-def original_config(lora_config: Any, plan: Plan, book: AddressBook) -> Any:
+def original_config(lora_config: Any, lora_map: LoraMap, book: AddressBook) -> Any:
     return describe_config(
         lora_config,
-        {name: spec for name, (spec, _) in plan.items()},
+        {name: spec for name, (spec, _) in lora_map.items()},
         universe=book.original_names,
         modules_to_save=translate_modules_to_save(lora_config.modules_to_save, book, to_runtime=False),
         keep_default=False,

@@ -1,4 +1,4 @@
-"""The LoRA layer for splice's parameterless stand-ins, `LinearSlice` and `ConcatLinears`.
+"""The LoRA layer for splice's parameterless Linear stand-ins (`LinearStandIn`: `LinearSlice`, `ConcatLinears`, ...).
 
 PEFT wraps a targeted module in a LoRA layer that keeps it as ``base_layer`` and adds
 ``lora_B(lora_A(dropout(x))) * scaling`` to its output. A stand-in computes the same base output as
@@ -7,6 +7,9 @@ concatenation of the split Linears), so this layer is PEFT's `lora.Linear` with 
 reads the stand-in's sizes, and merging writes the delta into the rows of the real weights the
 stand-in reads, with the same arithmetic as PEFT's merge. It is registered on each LoraConfig through
 PEFT's per-config custom-module dispatch, so no other model or config ever sees it.
+
+Also here: the refusals for a LoRA that could not behave exactly like vanilla LoRA on the original
+model (a variant or init that rewrites a shared weight, sharded weights, a chain kernel that skips it).
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from typing import Any
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
-from peft.tuners.tuners_utils import check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge, check_target_module_exists
 from torch import nn
 
-from splice.fusion.linear import LinearSlice
-from splice.fusion.qkv_split import ConcatLinears
-from splice.peft.addresses import describe, unwrap
+from splice.fusion.chain import FusedChain
+from splice.fusion.contract import LinearStandIn
+from splice.fusion.tensors import is_dtensor
+from splice.peft.addresses import base_model, describe
 from splice.peft.errors import AdapterError
 
 EXACT_INITS = (True, False, "gaussian")  # inits that neither read nor rewrite the base weight
@@ -59,8 +63,38 @@ def refuse_inexact(config: Any, module: nn.Module, where: str) -> None:
         )
 
 
+def refuse_sharded(model: nn.Module) -> None:
+    """PEFT layers on DTensor bases are not wired up: their plain factors would see local shards as whole."""
+    base = base_model(model)
+    sharded = next((k for k, p in base.named_parameters() if is_dtensor(p)), None)
+    if sharded is not None:
+        raise AdapterError(
+            f"{type(base).__name__} is sharded ({sharded} is a DTensor: loaded tensor-parallel, or fully_shard ran); "
+            "LoRA layers on its sharded Linears are not supported yet. Train or apply the adapter on an unsharded "
+            "model (one process), or move the adapter tensors with splice.parallel.shard_lora / consolidate_lora"
+        )
+
+
+def refuse_bypassing_kernels(model: nn.Module, config: Any) -> None:
+    """A fused chain whose kernel reads weights directly would skip a LoRA inside it."""
+    for path, chain in model.named_modules():
+        if not isinstance(chain, FusedChain) or chain.honours_wrappers:
+            continue
+        inside = [
+            p
+            for p, _ in chain.named_modules(prefix=path)
+            if p != path and check_target_module_exists(config, p)
+        ]
+        if inside:
+            raise AdapterError(
+                f"{inside[0]} is inside the fused chain at {path}, which runs kernel {chain.kernel_name!r}; that "
+                "kernel reads weights directly and would skip the LoRA. Use splice.kernels.use_kernel(model, None) "
+                "(or 'compiled') first"
+            )
+
+
 class VirtualLinearLora(LoraLinear):
-    """PEFT's `lora.Linear` around a `LinearSlice` or `ConcatLinears`, under the original module's name."""
+    """PEFT's `lora.Linear` around a `LinearStandIn`, under the original module's name."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -74,24 +108,9 @@ class VirtualLinearLora(LoraLinear):
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
 
-    def _weight_rows(self) -> list[tuple[nn.Parameter, nn.Parameter | None, slice, slice]]:
+    def _weight_rows(self) -> list[tuple[torch.Tensor, torch.Tensor | None, slice, Any]]:
         """``(weight, bias, rows of that weight, rows of this layer's output)`` for each real weight read."""
-        base = self.get_base_layer()
-        if isinstance(base, LinearSlice):
-            fused = unwrap(base.shared.fused)
-            start, stop = base.shared.bounds[base.index]
-            return [(fused.weight, fused.bias, slice(start, stop), slice(0, stop - start))]
-        rows, offset = [], 0
-        parent = base.__dict__["parent"]
-        for index, name in enumerate(base.names):
-            part = unwrap(getattr(parent, name))
-            size = part.weight.shape[0]
-            out = (
-                base.rows(index) if base.groups > 1 else slice(offset, offset + size)
-            )  # interleaved: indices
-            rows.append((part.weight, part.bias, slice(0, size), out))
-            offset += size
-        return rows
+        return [(r.weight, r.bias, r.rows, r.out) for r in self.get_base_layer().weight_rows()]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """PEFT's merge, written into the rows of the real weights (same arithmetic, so same bits)."""
@@ -148,5 +167,5 @@ class VirtualLinearLora(LoraLinear):
 
 def register(config: Any) -> Any:
     """Let PEFT wrap splice's stand-ins when it applies ``config`` (per config: nothing global changes)."""
-    config._register_custom_module({LinearSlice: VirtualLinearLora, ConcatLinears: VirtualLinearLora})
+    config._register_custom_module({LinearStandIn: VirtualLinearLora})  # PEFT dispatches by isinstance
     return config

@@ -1,6 +1,6 @@
-"""Which LoRA of one tree makes which LoRA of the other, as data, and running that plan on tensors.
+"""Which LoRA of one tree makes which LoRA of the other, as data (a `LoraMap`), and running it on tensors.
 
-A plan maps each target module (by path in the target tree) to its LoRA's spec and a *source*: where
+A LoRA map sends each target module (by path in the target tree) to its LoRA's spec and a *source*: where
 its tensors come from in the other tree.
 
 - `Same`: one module's LoRA, unchanged (only its path may differ: chain fusion moves modules).
@@ -9,7 +9,7 @@ its tensors come from in the other tree.
   fused Linear, or ``fuse_lora``).
 - `Join`: LoRAs of parts that share one A, back into the fused LoRA they were taken from.
 
-`plan_original` plans saving (runtime -> original), `plan_runtime` plans loading (original ->
+`map_to_original` is for saving (runtime -> original), `map_to_runtime` for loading (original ->
 runtime); `materialize` runs one entry. `describe_stacks` writes what a save stacked or split into the
 adapter file's metadata, so that loading it onto the same layout restores the same LoRAs.
 """
@@ -69,7 +69,7 @@ class Join:
 
 
 Source = Same | Rows | Stack | Join
-Plan = dict[str, tuple[LoraSpec, Source]]
+LoraMap = dict[str, tuple[LoraSpec, Source]]
 
 
 @dataclass(frozen=True)
@@ -84,20 +84,20 @@ class Block:
 # saving: runtime -> original
 
 
-def plan_original(
+def map_to_original(
     book: AddressBook, specs: Mapping[str, LoraSpec], blocks: Mapping[str, Mapping[str, Block]] | None = None
-) -> Plan:
+) -> LoraMap:
     """Runtime LoRAs (by runtime path) -> the LoRAs of the original model that behave the same (by name)."""
     blocks = blocks or {}
-    plan: Plan = {}
+    lora_map: LoraMap = {}
     parts: dict[str, dict[int, str]] = {}
 
     def put(name: str, spec: LoraSpec, source: Source) -> None:
-        if name in plan:
+        if name in lora_map:
             raise AdapterError(
                 f"two LoRAs of one adapter land on {name}; the original model has one weight there"
             )
-        plan[name] = (spec, source)
+        lora_map[name] = (spec, source)
 
     for path, spec in specs.items():
         address = book.by_runtime[path]
@@ -121,27 +121,27 @@ def plan_original(
         )
         spec = stacked_spec([specs[p] for p in paths if p is not None], where=where)
         put(whole_name, spec, Stack(paths, whole.sizes, whole.groups))
-    return plan
+    return lora_map
 
 
 # --------------------------------------------------------------------------------------------------
 # loading: original -> runtime
 
 
-def plan_runtime(
+def map_to_runtime(
     book: AddressBook,
     specs: Mapping[str, LoraSpec],
     weights: Mapping[str, LoraWeights | None],
     metadata: Mapping[str, Any],
     *,
     fuse_lora: bool,
-) -> tuple[Plan, dict[str, dict[str, Block]]]:
+) -> tuple[LoraMap, dict[str, dict[str, Block]]]:
     """Original LoRAs (by name) -> runtime LoRAs (by runtime path), plus the stacked layouts it creates.
 
     ``weights`` holds each module's factors (None for LoRAs that are not plain A/B, e.g. embeddings);
     they decide whether the layouts recorded in ``metadata`` by `describe_stacks` can be restored.
     """
-    plan: Plan = {}
+    lora_map: LoraMap = {}
     blocks: dict[str, dict[str, Block]] = {}
     done: set[str] = set()
     rslora = next(iter(specs.values())).rslora if specs else False
@@ -150,7 +150,7 @@ def plan_runtime(
     for whole_name, parts in stacked.items():  # split parts saved as one stacked LoRA: restore them
         restored = _restore_parts(book, whole_name, parts, weights, rslora)
         if restored is not None:
-            plan.update(restored)
+            lora_map.update(restored)
             done.add(whole_name)
     for fused_name, members in metadata.get("shared", {}).items():  # a fused LoRA saved as rows per part
         fused = book.by_name.get(fused_name)
@@ -159,7 +159,7 @@ def plan_runtime(
         if any(m in done or weights.get(m) is None or specs[m] != specs[members[0]] for m in members):
             continue
         if join_rows([weights[m] for m in members], where=fused_name) is not None:
-            plan[fused.runtime] = (specs[members[0]], Join(tuple(members)))
+            lora_map[fused.runtime] = (specs[members[0]], Join(tuple(members)))
             done.update(members)
     if fuse_lora:
         for fused in [a for a in book.addresses if a.kind == "fused"]:
@@ -174,7 +174,7 @@ def plan_runtime(
             spec = stacked_spec(
                 [specs[m] for m in present], where=f"fuse_lora on {fused.name} ({', '.join(present)})"
             )
-            plan[fused.runtime] = (
+            lora_map[fused.runtime] = (
                 spec,
                 Stack(tuple(m if m in present else None for m in fused.members), fused.sizes),
             )
@@ -186,8 +186,8 @@ def plan_runtime(
             done.update(present)
     for name, spec in specs.items():
         if name not in done:
-            plan[book.named(name).runtime] = (spec, Same(name))
-    return plan, blocks
+            lora_map[book.named(name).runtime] = (spec, Same(name))
+    return lora_map, blocks
 
 
 def _restore_parts(
@@ -196,11 +196,11 @@ def _restore_parts(
     parts: list[dict[str, Any]],
     weights: Mapping[str, LoraWeights | None],
     rslora: bool,
-) -> Plan | None:
+) -> LoraMap | None:
     whole = book.by_name.get(whole_name)
     if whole is None or whole.kind != "concat" or weights.get(whole_name) is None:
         return None
-    plan: Plan = {}
+    lora_map: LoraMap = {}
     whole_weights = weights[whole_name]
     if whole.groups > 1:  # rows are counted with the parts back to back
         whole_weights = deinterleave_rows(whole_weights, whole.sizes, whole.groups)
@@ -214,18 +214,18 @@ def _restore_parts(
             return None  # trained past block-diagonal: keep the whole LoRA (exact either way)
         spec = LoraSpec(int(part["r"]), part["alpha"], rslora)
         rows = Rows(whole_name, tuple(part["rows"]), tuple(part["cols"]), whole.groups, whole.sizes)
-        plan[address.runtime] = (spec, rows)
-    return plan
+        lora_map[address.runtime] = (spec, rows)
+    return lora_map
 
 
 # --------------------------------------------------------------------------------------------------
-# running a plan
+# running a LoRA map
 
 
 def materialize(
     spec: LoraSpec, source: Source, get: Callable[[str], LoraWeights], *, where: str
 ) -> tuple[LoraWeights, list[tuple[int, int] | None]]:
-    """The tensors of one planned LoRA (and, for a stack, each part's rank columns)."""
+    """The tensors of one mapped LoRA (and, for a stack, each part's rank columns)."""
     if isinstance(source, Same):
         return get(source.path), []
     if isinstance(source, Rows):
@@ -246,7 +246,7 @@ def materialize(
 
 
 def describe_stacks(
-    plan: Plan,
+    lora_map: LoraMap,
     book: AddressBook,
     specs: Mapping[str, LoraSpec],
     stacked_cols: Mapping[str, list[tuple[int, int] | None]],
@@ -254,7 +254,7 @@ def describe_stacks(
     """What a save stacked or split (``specs``: the runtime LoRAs), by original names, for the file's metadata."""
     stacked: dict[str, list[dict[str, Any]]] = {}
     shared: dict[str, list[str]] = {}
-    for name, (_, source) in plan.items():
+    for name, (_, source) in lora_map.items():
         if isinstance(source, Stack):
             row, entries = 0, []
             for path, size, cols in zip(source.paths, source.sizes, stacked_cols[name]):

@@ -27,8 +27,9 @@ from typing import Any
 from torch import nn
 
 from splice.errors import LoadError, TransformError
-from splice.fusion.linear import LinearSlice
-from splice.fusion.surgery import FusionRecord, get_state
+from splice.fusion.contract import FusedLayout, LinearStandIn, StandIn
+from splice.fusion.spec import registered_families
+from splice.fusion.state import get_state
 from splice.parallel.layout import (
     Part,
     PartLayout,
@@ -47,8 +48,6 @@ REPLICATE = {"replicate"}
 SUPPORTED = COLUMN | ROW | EMBEDDING | REPLICATE
 PADDED = {"colwise", "rowwise"}  # the pairs whose activations stay sharded between them
 """Styles whose cut dim is padded to divide; the others are cut unevenly, as DTensor allows."""
-
-_QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"))
 
 
 @dataclass
@@ -152,10 +151,9 @@ def resolve_styles(model: nn.Module, plan: dict[str, str]) -> dict[str, str]:
             )
     state = get_state(model)
     for record in state.records if state is not None else []:
-        names = record.layout.get("names")
-        fused = record.layout.get("fused_name")
-        if not names or not fused:
+        if record.layout is None or record.layout.split:
             continue
+        names, fused = record.layout.names, record.layout.fused_name
         prefix = _prefix(record.path)
         found = {styles.pop(prefix + n, None) for n in names}
         if found == {None}:
@@ -168,8 +166,10 @@ def resolve_styles(model: nn.Module, plan: dict[str, str]) -> dict[str, str]:
         styles[prefix + fused] = found.pop()
     for path, style in styles.items():
         module = modules[path]
-        if isinstance(module, LinearSlice):
-            raise LoadError(f"{path} is a slice of a fused Linear; the tp plan must shard the fused Linear")
+        if isinstance(module, StandIn):
+            raise LoadError(
+                f"{path} is {module.describe()}, which holds no weight; the tp plan must shard the module that does"
+            )
         expected = nn.Embedding if style in EMBEDDING else nn.Linear
         if style not in REPLICATE and not isinstance(module, expected):
             raise LoadError(
@@ -192,9 +192,9 @@ def build_layout(model: nn.Module, styles: dict[str, str], tp: int) -> TPLayout:
 
     state = get_state(model)
     for record in state.records if state is not None else []:
-        fused = record.layout.get("fused_name")
-        if not fused:
+        if record.layout is None or record.layout.split:
             continue
+        fused = record.layout.fused_name
         prefix = _prefix(record.path)
         style = styles.get(prefix + fused)
         if style is None or style in REPLICATE:
@@ -203,7 +203,7 @@ def build_layout(model: nn.Module, styles: dict[str, str], tp: int) -> TPLayout:
             raise LoadError(
                 f"{prefix}{fused}: a fused Linear can only be column-parallel, the plan says {style!r}"
             )
-        group = _fused_group(record, tp, padded=style in PADDED)
+        group = _column_group(record.layout, record.path, tp, padded=style in PADDED)
         params = ["weight"] + (["bias"] if modules[prefix + fused].bias is not None else [])
         fuse += fused_column_rules(prefix, group.parts, fused, tp, params)
         layout.groups.append(group)
@@ -212,10 +212,10 @@ def build_layout(model: nn.Module, styles: dict[str, str], tp: int) -> TPLayout:
     for path, module in modules.items():
         if path in grouped or not isinstance(module, nn.Module):
             continue
-        names = _unfused_qkv(module, styles, path)
-        if names is None:
+        found = _unfused_group(module, styles, path)
+        if found is None:
             continue
-        group = _qkv_group(module, path, names, tp)
+        group = _column_group(found, path, tp, padded=True, fused=False)
         for part in group.parts:
             linear = module._modules[part.part.name]
             params = ["weight"] + (["bias"] if linear.bias is not None else [])
@@ -253,56 +253,43 @@ def build_layout(model: nn.Module, styles: dict[str, str], tp: int) -> TPLayout:
     return layout
 
 
-def _fused_group(record: FusionRecord, tp: int, *, padded: bool) -> Group:
-    names, sizes = record.layout["names"], record.layout["sizes"]
-    head_dim, heads = record.layout.get("head_dim"), record.layout.get("heads")
-    where = f"{record.path}.{record.layout['fused_name']}"
-    if heads:
-        parts = [Part(n, s, head_dim, i > 0) for i, (n, s) in enumerate(zip(names, sizes))]
-    elif record.family == "qkv":
+def _column_group(layout: FusedLayout, path: str, tp: int, *, padded: bool, fused: bool = True) -> Group:
+    """The parts of one fused Linear (``fused``) or of separate Linears, laid out for ``tp`` ranks."""
+    names, sizes = layout.names, layout.sizes
+    where = f"{_prefix(path)}{layout.fused_name}" if fused else path
+    if layout.heads is not None:
+        parts = [Part(n, s, layout.head_dim, i > 0) for i, (n, s) in enumerate(zip(names, sizes))]
+    elif layout.attention:
         raise LoadError(f"{where}: the head size of this attention is unknown, so its heads cannot be cut")
     else:
         parts = [Part(n, s) for n, s in zip(names, sizes)]
     if not padded and any(s % tp for s in sizes):
         raise LoadError(
-            f"{where}: sizes {sizes} do not divide by tp={tp} and its style does not allow padding"
+            f"{where}: sizes {list(sizes)} do not divide by tp={tp} and its style does not allow padding"
         )
     try:
         layouts = column_parts(parts, tp, where=where)
     except TransformError as exc:
         raise LoadError(str(exc)) from None
-    return Group(record.path, layouts, record.layout["fused_name"], heads=bool(heads))
+    return Group(path, layouts, layout.fused_name if fused else None, heads=layout.heads is not None)
 
 
 def _prefix(path: str) -> str:
     return f"{path}." if path else ""
 
 
-def _unfused_qkv(module: nn.Module, styles: dict[str, str], path: str) -> tuple[str, ...] | None:
-    for names in _QKV_NAMES:
-        children = [module._modules.get(n) for n in names]
-        if all(type(c) is nn.Linear for c in children):
-            found = {styles.get(_prefix(path) + n) for n in names}
-            if found & COLUMN:
-                if len(found) != 1:
-                    raise LoadError(f"{path}: the tp plan gives {', '.join(names)} different styles")
-                return names
+def _unfused_group(module: nn.Module, styles: dict[str, str], path: str) -> FusedLayout | None:
+    """Separate column-parallel children that a registered family says TP must cut together (`tp_group`)."""
+    for spec in registered_families().values():
+        found = spec.tp_group(module)
+        if found is None:
+            continue
+        given = {styles.get(_prefix(path) + n) for n in found.names}
+        if given & COLUMN:
+            if len(given) != 1:
+                raise LoadError(f"{path}: the tp plan gives {', '.join(found.names)} different styles")
+            return found
     return None
-
-
-def _qkv_group(module: nn.Module, path: str, names: tuple[str, ...], tp: int) -> Group:
-    from splice.fusion.qkv import QKVSpec
-
-    spec = QKVSpec()
-    info = spec.layout(module, spec.options_class(names=names))
-    if "heads" not in info:
-        raise LoadError(f"{path}: the head size of this attention is unknown, so its heads cannot be cut")
-    parts = [Part(n, s, info["head_dim"], i > 0) for i, (n, s) in enumerate(zip(names, info["sizes"]))]
-    try:
-        layouts = column_parts(parts, tp, where=path)
-    except TransformError as exc:
-        raise LoadError(str(exc)) from None
-    return Group(path, layouts, None, heads=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,12 +313,13 @@ def localize(model: nn.Module, layout: TPLayout) -> None:
         if group.fused_name is not None:
             sizes = group.local_sizes
             starts = [sum(sizes[:i]) for i in range(len(sizes))]
-            shared = None
-            for part, size in zip(group.parts, sizes):
+            for part, start, size in zip(group.parts, starts, sizes):
                 piece = parent._modules[part.part.name]
-                piece.out_features = size
-                shared = piece.shared
-            shared.bounds = tuple((s, s + n) for s, n in zip(starts, sizes))
+                if not isinstance(piece, LinearStandIn):
+                    raise LoadError(
+                        f"{group.path}.{part.part.name}: expected a stand-in of the fused {group.fused_name}"
+                    )
+                piece.read_rows(start, start + size)
             fused = parent._modules[group.fused_name]
             fused.out_features = sum(p.global_rows for p in group.parts)
         else:
