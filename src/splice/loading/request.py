@@ -28,7 +28,6 @@ _UNSUPPORTED = {
     "low_cpu_mem_usage": None,  # accepted: loading always streams
 }
 HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download", "proxies", "subfolder")
-TP_KWARGS = ("tp_size", "device_mesh")
 
 
 @dataclass
