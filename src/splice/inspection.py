@@ -38,28 +38,26 @@ def inspect_model(path: str | Path, fusion: Any = None) -> dict[str, FusionRepor
     """Per family: the report of fusing a meta copy of the model, or the reason it does not apply."""
     import transformers
 
-    from splice.hf import _load_config, _model_class, build_on_meta
+    from splice.loading.resolve import build_on_meta, load_config, model_class, pop_fusion_config
 
     path = Path(path)
     _read_config_json(path)
     try:
-        config = _load_config(transformers.AutoModel, path, None, {})
+        config = load_config(transformers.AutoModel, path)
     except LoadError:
         raise
     except Exception as exc:  # transformers' reasons come as OSError, ValueError, KeyError, its own types
         raise LoadError(f"{path / 'config.json'}: {_reason(exc)}") from None
-    stored = getattr(config, "fusion_config", None)
-    if hasattr(config, "fusion_config"):
-        delattr(config, "fusion_config")
-    cls = _architecture(config) or _model_class(transformers.AutoModel, config)
+    stored = pop_fusion_config(config)
+    cls = _architecture(config) or model_class(transformers.AutoModel, config)
     requested = fusion if fusion is not None else stored
     results: dict[str, FusionReport | str] = {}
     if requested is not None:
-        model = build_on_meta(cls, config, None, None)
+        model = build_on_meta(cls, config)
         results["requested"] = fuse(model, requested)
         return results
     for family in registered_families():
-        model = build_on_meta(cls, config, None, None)
+        model = build_on_meta(cls, config)
         try:
             results[family] = fuse(model, [family])
         except FusionError as exc:
@@ -140,10 +138,13 @@ def save_map(path: Path, fusion: Any, out: Path) -> None:
     import transformers
 
     from splice.checkpoint import CheckpointReader
-    from splice.hf import prepare
+    from splice.hf.load import prepare
+    from splice.loading.request import LoadRequest
     from splice.weightmap import Rule, WeightMap
 
-    prepared = prepare(_architecture_of(path) or transformers.AutoModel, path, fusion_config=fusion or {})
+    prepared = prepare(
+        LoadRequest(_architecture_of(path) or transformers.AutoModel, path, fusion_config=fusion or {})
+    )
     if get_state(prepared.model) is None:
         raise FusionError("nothing to fuse: pass --fusion")
     with CheckpointReader(prepared.path) as reader:

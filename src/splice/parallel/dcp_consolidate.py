@@ -30,6 +30,15 @@ from splice.checkpoint import CheckpointWriter
 from splice.checkpoint.atomic import refuse_foreign_dir
 from splice.errors import CheckpointError, WeightMapError
 from splice.fusion.surgery import fuse, get_state
+from splice.loading.distributed import num_parameters
+from splice.loading.resolve import (
+    CONFIG_KEY,
+    build_on_meta,
+    load_config,
+    load_generation_config,
+    pop_fusion_config,
+    save_configs,
+)
 from splice.parallel.consolidate import ConsolidateReport
 from splice.transforms import TensorMeta
 
@@ -226,26 +235,23 @@ def fused_skeleton(config_dir: str | os.PathLike) -> Any:
     """The model of ``config_dir/config.json`` on the meta device, fused as its ``fusion_config`` says."""
     import transformers
 
-    from splice import hf
-
     config_dir = Path(config_dir)
-    config = hf._load_config(transformers.AutoConfig, config_dir, None, {})
-    fusion = getattr(config, hf.CONFIG_KEY, None)
+    config = load_config(transformers.AutoConfig, config_dir)
+    fusion = pop_fusion_config(config)
     if not fusion:
         raise CheckpointError(
-            f"{config_dir / 'config.json'}: records no {hf.CONFIG_KEY}, so which tensors were fused is unknown; "
+            f"{config_dir / 'config.json'}: records no {CONFIG_KEY}, so which tensors were fused is unknown; "
             "pass the directory splice.save_pretrained(model, DIR, save_original_format=False) wrote"
         )
-    delattr(config, hf.CONFIG_KEY)
     architectures = getattr(config, "architectures", None) or []
     model_cls = getattr(transformers, architectures[0], None) if architectures else None
     if model_cls is None:
         raise CheckpointError(
             f"{config_dir / 'config.json'}: architectures={architectures!r} names no transformers model class"
         )
-    model = hf.build_on_meta(model_cls, config, None, None)
+    model = build_on_meta(model_cls, config)
     if (config_dir / "generation_config.json").is_file():
-        hf._load_generation_config(model, config_dir)
+        load_generation_config(model, config_dir)
     fuse(model, fusion)
     return model
 
@@ -256,8 +262,6 @@ def consolidate_dcp(
     """Write the original checkpoint of the DCP checkpoint ``dcp_dir`` into ``out_dir`` (replaced atomically)."""
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-    from splice import hf
 
     started = time.perf_counter()
     dcp_dir, out = Path(dcp_dir), Path(out_dir)
@@ -322,9 +326,9 @@ def consolidate_dcp(
         file_metas,
         max_shard_size="50GB",
         metadata={"format": "pt"},
-        index_metadata={"total_parameters": hf._num_parameters(model)},
+        index_metadata={"total_parameters": num_parameters(model)},
     ) as writer:
-        hf._save_configs(model, writer.staging_dir, state, True, file_metas)
+        save_configs(model, writer.staging_dir, file_metas)  # the original layout's: no fusion_config
         for key, tensor in plan.run(lambda k: assemble(k, tensors[k])):
             for name in writes.get(key, ()):
                 writer.write(name, tensor.contiguous())

@@ -1,6 +1,6 @@
 """Saving a model sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``), alone or over splice's TP.
 
-``splice.save_pretrained`` calls :func:`gather_state_dict` when the parameters are DTensors that splice
+``splice.save_pretrained`` gathers through :class:`FullyShardedWeights` (:func:`gather_state_dict`) when the parameters are DTensors that splice
 did not shard itself: every rank takes part in gathering one tensor at a time, rank 0 keeps the full
 tensors, converts them to the original layout exactly as a single process would, and writes; then
 :func:`splice.parallel.state.finish_save` makes every rank wait for the checkpoint and raise if any
@@ -12,13 +12,29 @@ For a checkpoint written by every rank at once, without gathering, save the shar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from splice.fusion.surgery import original_state_dict
 from splice.parallel.state import finish_save
 
-__all__ = ["finish_save", "gather_state_dict"]
+__all__ = ["FullyShardedWeights", "finish_save", "gather_state_dict"]
+
+
+@dataclass
+class FullyShardedWeights:
+    """`splice.loading.DistributedWeights` for a model sharded by ``fully_shard`` (alone or over splice's TP)."""
+
+    state_dict: dict[str, torch.Tensor] | None = None  # the fused model's, if given to save_pretrained
+    num_parameters: int | None = None  # DTensors report their global sizes: counting them is right
+
+    def gather_state_dict(self, model: nn.Module, original: bool = True) -> dict[str, torch.Tensor] | None:
+        return gather_state_dict(model, original, state_dict=self.state_dict)
+
+    def finish_save(self, error: BaseException | None) -> None:
+        finish_save(error)
 
 
 def gather_state_dict(

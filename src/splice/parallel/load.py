@@ -1,7 +1,7 @@
 """``splice.from_pretrained(..., tp_plan="auto")``: each rank reads its own slices of the original checkpoint.
 
-The model is built on the meta device and fused there (`splice.hf.prepare`). The model's TP plan is
-rewritten for the fused layout (`splice.parallel.sharding`), and one WeightMap is compiled from the
+The model is built on the meta device and fused there (`splice.hf.load.prepare`, passed in). The model's TP
+plan is rewritten for the fused layout (`splice.parallel.sharding`), and one WeightMap is compiled from the
 checkpoint's keys to the *TP-global* keys: transformers' renames, the fusion undone, then the TP layout
 (parts made divisible, fused parts interleaved per rank). For each sharded weight the rank runs that
 step's ops on row numbers (`splice.parallel.layout.local_reads`) to learn which rows of which
@@ -26,7 +26,10 @@ from torch import nn
 
 from splice.checkpoint import CheckpointReader
 from splice.errors import LoadError, WeightMapError
-from splice.hf import load_step, prepare, remember_source, set_tensor
+from splice.loading.place import load_step, remember_source, set_tensor
+from splice.loading.prepared import Prepared
+from splice.loading.request import LoadRequest
+from splice.loading.strict import check_plan, needed_steps
 from splice.parallel.layout import chunk_bounds, local_reads
 from splice.parallel.sharding import (
     COLUMN,
@@ -40,7 +43,6 @@ from splice.parallel.sharding import (
 )
 from splice.parallel.state import ParallelState, source_layout
 from splice.transforms import TensorMeta
-from splice.weightmap import CompiledMap as Plan
 from splice.weightmap import Step
 
 logger = logging.getLogger("splice")
@@ -48,42 +50,25 @@ logger = logging.getLogger("splice")
 __all__ = ["from_pretrained_tp"]
 
 
-def from_pretrained_tp(
-    cls: Any,
-    pretrained_model_name_or_path: str | os.PathLike,
-    *,
-    fusion_config: Any = None,
-    config: Any = None,
-    dtype: Any = None,
-    torch_dtype: Any = None,
-    attn_implementation: str | dict | None = None,
-    tp_plan: Any = None,
-    distributed_config: Any = None,
-    key_mapping: dict[str, str] | None = None,
-    **kwargs: Any,
-) -> nn.Module:
-    """Load a model tensor-parallel over the current process group, in the layout ``fusion_config`` asks for.
+def from_pretrained_tp(request: LoadRequest, prepare: Callable[[LoadRequest], Prepared]) -> nn.Module:
+    """Load a model tensor-parallel over the current process group, in the layout the request's fusion asks for.
 
-    ``tp_plan`` is ``"auto"`` (the model's own plan) or a dict of overrides on it, keyed by the original
-    module names (``{"model.layers.*.mlp.down_proj": "rowwise"}``); ``distributed_config`` may be given
-    instead (a transformers ``DistributedConfig`` or its dict), with ``tp_size`` and ``tp_plan``.
-    ``tp_size`` (default: the world size) and ``device_mesh`` (a 1-D ``DeviceMesh``) are also accepted.
+    ``splice.from_pretrained(..., tp_plan=...)`` calls this with its request and its ``prepare`` (which
+    resolves, builds on meta, fuses and maps; called once the mesh exists). ``tp_plan`` is ``"auto"``
+    (the model's own plan) or a dict of overrides on it, keyed by the original module names
+    (``{"model.layers.*.mlp.down_proj": "rowwise"}``); ``distributed_config`` may be given instead (a
+    transformers ``DistributedConfig`` or its dict), with ``tp_size`` and ``tp_plan``. ``tp_size``
+    (default: the world size) and ``device_mesh`` (a 1-D ``DeviceMesh``) are also accepted.
     Every rank of the process group must call this.
     """
-    overrides, tp_size = _request(tp_plan, distributed_config, kwargs.pop("tp_size", None))
-    device_mesh = kwargs.pop("device_mesh", None)
-    if kwargs.get("device_map") is not None:
-        raise LoadError("tensor parallelism and device_map are mutually exclusive")
-    kwargs.pop("device_map", None)
+    overrides, tp_size = _request(request.tp_plan, request.distributed_config, request.tp_size)
+    device_mesh = request.device_mesh
     mesh = device_mesh if device_mesh is not None else make_mesh(tp_size)
     if mesh.ndim != 1:
         raise LoadError(f"device_mesh must be 1-D (the tensor-parallel ranks), got {mesh.ndim}-D")
     tp, rank = mesh.size(), mesh.get_local_rank()
 
-    prepared = prepare(
-        cls, pretrained_model_name_or_path, fusion_config=fusion_config, config=config, dtype=dtype,
-        torch_dtype=torch_dtype, attn_implementation=attn_implementation, key_mapping=key_mapping, **kwargs,
-    )  # fmt: skip
+    prepared = prepare(request)
     model = prepared.model
     num_parameters = sum(p.numel() for p in model.parameters())  # before sharding adds replicas and padding
     styles = resolve_styles(model, {**model_plan(model), **overrides})
@@ -101,7 +86,8 @@ def from_pretrained_tp(
                 f"{prepared.path}: the checkpoint does not fit the tensor-parallel layout: {exc}"
             ) from None
         expected = _expected_metas(model, layout)
-        steps = _check(plan, expected, prepared.missing_ok, prepared.path)
+        check_plan(plan, expected, prepared.missing_ok, prepared.path, "the tensor-parallel plan")
+        steps = needed_steps(plan, expected)
         stats = {"sharded": 0, "replicated": 0, "mapped": 0}
         for step in steps:
             for key, local in _load_local(
@@ -204,20 +190,6 @@ def _expected_metas(model: nn.Module, layout: TPLayout) -> dict[str, TensorMeta]
     """Shapes of the TP-global tensors (the runtime tensors with padding and replicas)."""
     runtime = {k: TensorMeta.of(t) for k, t in model.state_dict(keep_vars=True).items()}
     return layout.runtime_map(model).compile(list(runtime), runtime).target_metas
-
-
-def _check(plan: Plan, expected: dict[str, TensorMeta], missing_ok: set[str], path: Any) -> list[Step]:
-    produced = plan.target_metas
-    missing = [k for k in expected if k not in produced and k not in missing_ok]
-    if missing:
-        raise LoadError(f"{path}: the tensor-parallel plan produces no value for {missing[:5]}")
-    for key, meta in produced.items():
-        if key in expected and meta.shape != expected[key].shape:
-            raise LoadError(
-                f"{path}: {key} comes out of the tensor-parallel plan as {list(meta.shape)}, "
-                f"the model expects {list(expected[key].shape)}"
-            )
-    return [s for s in plan.steps if any(t in expected for t in s.targets)]
 
 
 def _load_local(

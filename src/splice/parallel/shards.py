@@ -34,6 +34,7 @@ from torch import nn
 from splice.checkpoint import TAG_OF_DTYPE, CheckpointWriter, atomic
 from splice.errors import CheckpointError
 from splice.fusion.surgery import get_state
+from splice.loading.resolve import save_configs
 from splice.parallel.layout import chunk_bounds
 from splice.parallel.state import get_parallel_state
 from splice.transforms import TensorMeta
@@ -111,8 +112,6 @@ def _write_file(staging: Path, name: str, tensors: dict[str, torch.Tensor], meta
 
 
 def _write_metadata(model: nn.Module, staging: Path, parallel: Any) -> None:
-    from splice.hf import _save_configs
-
     tp = parallel.tp
     dims = parallel.layout.dims
     state = get_state(model)
@@ -140,6 +139,6 @@ def _write_metadata(model: nn.Module, staging: Path, parallel: Any) -> None:
     (staging / METADATA_NAME).write_text(json.dumps(document, indent=1) + "\n")
     example = {k: torch.empty(0, dtype=m.dtype) for k, m in parallel.tensors.items()}
     try:
-        _save_configs(model, staging, state, True, example)
+        save_configs(model, staging, example)  # the original layout's: no fusion_config
     except (AttributeError, TypeError) as exc:  # not a transformers model: the weights are still complete
         raise CheckpointError(f"{staging}: cannot write the model's configs: {exc}") from None

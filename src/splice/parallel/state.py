@@ -2,7 +2,8 @@
 
 `ParallelState` lives in the model's ``__dict__`` beside splice's fusion state. It holds the mesh, the
 layout, the checkpoint -> TP-global map (resolved, so it inverts), the source checkpoint's file layout,
-and what loading read. `gather_state_dict` is what ``splice.save_pretrained`` calls on a sharded model.
+and what loading read. It implements `splice.loading.DistributedWeights`: ``splice.save_pretrained`` on a
+sharded model gathers through it (`gather_state_dict`) and waits for every rank (`finish_save`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from torch import nn
 
 from splice.checkpoint import TAG_OF_DTYPE, CheckpointReader
 from splice.errors import SpliceError
-from splice.fusion.surgery import get_state
+from splice.fusion import get_state
+from splice.loading.distributed import attach_distributed
 from splice.transforms import TensorMeta
 from splice.weightmap import WeightMap
 
@@ -45,14 +47,17 @@ class ParallelState:
         return self.mesh.get_local_rank()
 
     def install(self, model: nn.Module) -> None:
+        """Attach to ``model``: `get_parallel_state` finds it, and saving gathers through it."""
         model.__dict__[STATE_ATTR] = self
-        state = get_state(model)
-        if state is None:
-            from splice.fusion.state import ensure_state
+        attach_distributed(model, self)
 
-            state = ensure_state(model)
-        state.gather_state_dict = gather_state_dict
-        state.finish_save = finish_save
+    # splice.loading.DistributedWeights: how splice.save_pretrained saves a model loaded tensor-parallel
+
+    def gather_state_dict(self, model: nn.Module, original: bool = True) -> dict[str, torch.Tensor] | None:
+        return gather_state_dict(model, original)
+
+    def finish_save(self, error: BaseException | None) -> None:
+        finish_save(error)
 
 
 def finish_save(error: BaseException | None) -> None:

@@ -29,6 +29,7 @@ from splice.errors import FusionError
 from splice.fusion.surgery import get_state, require_module
 from splice.fusion.surgery import original_state_dict as _plain_original_state_dict
 from splice.parallel.layout import local_reads, traceable
+from splice.parallel.state import STATE_ATTR
 from splice.transforms import TensorMeta
 
 __all__ = ["RowPieces", "is_sharded", "original_state_dict"]
@@ -59,7 +60,7 @@ def original_state_dict(
     if not is_sharded(runtime):
         return _plain_original_state_dict(model, state_dict)
     runtime = {k: v.detach() for k, v in runtime.items()}
-    parallel = model.__dict__.get("_splice_parallel")
+    parallel = model.__dict__.get(STATE_ATTR)
     if parallel is not None:  # loaded tensor-parallel by splice: checkpoint keys -> TP-global layout
         metas = {
             k: TensorMeta(tuple(shape), DTYPE_OF_TAG[tag])

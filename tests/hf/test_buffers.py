@@ -1,4 +1,4 @@
-"""Computed buffers are filled before loading, so no weight init ever touches a loaded tensor (`splice.hf_buffers`)."""
+"""Computed buffers are filled before loading, so no weight init ever touches a loaded tensor (`splice.hf.buffers`)."""
 
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from splice.errors import SaveError, SpliceError
 from splice.fusion.surgery import SpliceState, fuse, get_state
+from splice.loading.distributed import distributed_weights
 
 _ADAPTER_HELP = (
     "save the adapter with splice.peft.save_adapter(peft_model, adapter_dir) (vanilla PEFT format), and the "
@@ -101,5 +102,5 @@ def check_runtime_layout_reloads(
 
 
 def _shapes(model: nn.Module, state: SpliceState) -> dict[str, tuple[int, ...] | None]:
-    sharded = state.gather_state_dict is not None  # tensor-parallel padding may change local shapes
+    sharded = distributed_weights(model) is not None  # tensor-parallel padding may change local shapes
     return {k: None if sharded else tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}

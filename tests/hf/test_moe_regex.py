@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import splice
 from splice.errors import LoadError
-from splice.hf import _collected_index
+from splice.hf.conversions import _collected_index
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,10 @@ transformers op                         splice ops                              
 ======================================  ===================================================  ====================
 
 `translate` returns the rules (first stage, then per-target rules for a second stage) or None for a
-converter it does not handle, which `splice.hf` then handles or refuses by name.
+converter it does not handle, which `_converter_rule` then handles or refuses by name.
+
+`checkpoint_renames` puts them together: transformers' renames and converters for one model, as the
+first stage of the WeightMap from the checkpoint to the model (`splice.hf.load.prepare`).
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from typing import Any
 from torch import nn
 
 from splice.errors import LoadError
-from splice.transforms import Op, PermuteBlocks, Reshape, Split, Stack, TensorMeta, Transpose, Unstack
-from splice.weightmap import Rule
+from splice.transforms import Concat, Op, PermuteBlocks, Reshape, Split, Stack, TensorMeta, Transpose, Unstack
+from splice.weightmap import Rule, WeightMap
 
 PER_TENSOR = {"Chunk", "PermuteForRope", "Interleave", "Transpose"}
 ERNIE = "ErnieFuseAndSplitTextVisionExperts"
@@ -183,3 +186,132 @@ def _expert_index(key: str, pattern: str) -> tuple[int, tuple[str, int]]:
         raise LoadError(f"{key}: cannot find the expert index of {pattern!r} in it")
     number = int(match.group(1))
     return number, (key[: match.start(1)] + "#" + key[match.end(1) :], number)
+
+
+def checkpoint_renames(
+    model: nn.Module,
+    checkpoint_keys: list[str],
+    model_keys: list[str],
+    key_mapping: dict[str, str] | None,
+    metas: Mapping[str, TensorMeta] | None = None,
+) -> tuple[WeightMap, list[Any]]:
+    """Transformers' own checkpoint-key -> model-key conversions for this model, as a WeightMap stage.
+
+    Renames become renames. Of transformers' ``WeightConverter``s, the ones every MoE model of the
+    Mixtral and Qwen2-MoE families uses become exact ops: ``MergeModulelist(dim=0)`` (per-expert
+    ``down_proj`` -> one ``[E, out, in]`` tensor) and ``MergeModulelist(dim=0), Concatenate(dim=1)``
+    (per-expert gate and up -> ``[E, 2 * inter, hidden]``), and so does a plain ``Concatenate``. Other
+    converters are refused by name.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model, key_mapping=key_mapping)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    present = dict.fromkeys(model_keys, True)
+    rules = []
+    converted: dict[tuple[int, str], dict[int, list[str]]] = {}
+    for key in checkpoint_keys:
+        new, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, present)
+        if new not in present and key in present:
+            new, pattern = rename_source_key(key, [], [], model.base_model_prefix, present)
+        if pattern is not None:
+            index = next(i for i, c in enumerate(converters) if pattern in c.source_patterns)
+            slot = list(converters[index].source_patterns).index(pattern)
+            converted.setdefault((index, new), {}).setdefault(slot, []).append(key)
+        elif new != key:
+            rules.append(Rule((key,), (new,)))
+    after: list[Rule] = []  # per-target ops of a one-to-many converter (PermuteForRope after a Chunk)
+    for (index, target), slots in converted.items():
+        translated = translate(converters[index], target, slots, metas or {}, model)
+        if translated is None:
+            rules.append(_converter_rule(converters[index], target, slots, metas or {}))
+        else:
+            rules += translated[0]
+            after += translated[1]
+    return WeightMap.of(rules).then(WeightMap.of(after)), transforms
+
+
+def _converter_rule(
+    converter: Any, target: str, slots: dict[int, list[str]], metas: Mapping[str, TensorMeta]
+) -> Rule:
+    """One transformers ``WeightConverter`` application (all its source keys for one target) as a Rule."""
+    patterns = list(converter.source_patterns)
+    operations = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
+    described = (
+        f"{type(converter).__name__}({patterns} -> {converter.target_patterns}, {converter.operations})"
+    )
+    some = next(iter(slots.values()))[0]
+    missing = [p for i, p in enumerate(patterns) if i not in slots]
+    if missing:
+        raise LoadError(
+            f"{target}: transformers builds it from {patterns} but the checkpoint has no key matching {missing[0]!r} "
+            f"(it has {some})"
+        )
+    merged = operations[:1] == [("MergeModulelist", 0)]
+    if merged and (operations[1:] == [] and len(patterns) == 1 or operations[1:] == [("Concatenate", 1)]):
+        sources, experts = [], None
+        for i, pattern in enumerate(patterns):
+            found, texts = {}, set()
+            for key in slots[i]:
+                text, number = _collected_index(key, pattern, described)
+                found[number] = key
+                texts.add(text)
+            if len(texts) != 1:
+                raise LoadError(
+                    f"{target}: the keys matching {pattern!r} differ beyond the expert index: {sorted(texts)[:2]}"
+                )
+            sources.append(texts.pop())
+            if experts is None:
+                experts = found
+            elif sorted(found) != sorted(experts):
+                lone = sorted(set(found) ^ set(experts))[0]
+                raise LoadError(
+                    f"{target}: expert {lone} has {'no' if lone not in found else 'an'} {pattern!r} tensor while the "
+                    f"other source pattern(s) {'have' if lone not in found else 'do not'}; every expert needs all of {patterns}"
+                )
+        assert experts is not None
+        count = len(experts)
+        meta = metas.get(experts[min(experts)])
+        if len(patterns) == 1:
+            return Rule(tuple(sources), (target,), (Stack(0),))
+        if meta is None:
+            raise LoadError(f"{target}: the shapes of its source tensors are needed to convert them")
+        shape = tuple(meta.shape)
+        ops = (  # stack every source's experts, then lay them out expert-major: [E, k * out, in]
+            Stack(0),
+            Reshape((len(patterns), count, *shape)),
+            Transpose(0, 1),
+            Reshape((count, len(patterns) * shape[0], *shape[1:])),
+        )
+        return Rule(tuple(sources), (target,), ops)
+    if len(operations) == 1 and operations[0][0] == "Concatenate" and all("*" not in p for p in patterns):
+        if any(len(slots[i]) != 1 for i in range(len(patterns))):
+            raise LoadError(f"{target}: several checkpoint keys match one source of {described}")
+        return Rule(tuple(slots[i][0] for i in range(len(patterns))), (target,), (Concat(operations[0][1]),))
+    raise LoadError(
+        f"{some}: transformers converts this checkpoint key with {described}; splice translates MergeModulelist(dim=0) "
+        "[+ Concatenate(dim=1)], Concatenate and the ops in splice.hf.conversions, not this conversion yet"
+    )
+
+
+def _collected_index(key: str, pattern: str, described: str) -> tuple[str, int]:
+    """``key`` with the expert index that ``*`` stands for in transformers' ``pattern`` replaced by ``#``.
+
+    Source patterns are regexes in which ``*.`` stands for one module-list index, as transformers
+    compiles them (``mlp.experts.*.gate_proj.weight``, ``\\.experts.*.w1.weight``).
+    """
+    regex = pattern.replace("*.", r"(?P<splice_index>\d+)\.", 1)
+    if re.search(r"[a-zA-Z0-9]$", regex):
+        regex += r"(?!\w)"  # a name boundary, as transformers adds
+    try:
+        match = re.search(regex, key) if "splice_index" in regex else None
+    except re.error:
+        match = None
+    if match is None:
+        raise LoadError(
+            f"{key}: cannot find the expert index of {pattern!r} in it (converting with {described})"
+        )
+    start, end = match.span("splice_index")
+    return key[:start] + "#" + key[end:], int(match.group("splice_index"))

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 import splice
-from splice.converters import translate
+from splice.hf.conversions import translate
 from splice.transforms import TensorMeta, bitwise_equal
 from splice.weightmap import WeightMap
 
