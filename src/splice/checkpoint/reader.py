@@ -1,7 +1,9 @@
 """``CheckpointReader``: lazy, validated reads of single-file and sharded safetensors checkpoints.
 
 Headers are parsed (and checked) when the reader opens; tensor data is read only when asked for, with
-positional reads straight into the destination tensor, so nothing is mapped or buffered on the way.
+positional reads straight into the destination tensor, so nothing is mapped or buffered on the way (the
+gaps of a strided slice, read through rather than skipped with a call per run, land in one small
+discard buffer).
 """
 
 from __future__ import annotations
@@ -31,9 +33,16 @@ from .format import (
     parse_header,
 )
 from .paths import member, shown
-from .slicing import Ranges, file_runs, memory_runs, select
+from .slicing import DISCARD, Ranges, file_runs, memory_runs, positional_reads, select
 
 DEFAULT_WEIGHTS_NAME = "model.safetensors"
+
+MAX_GAP = 64 << 10
+"""Bytes of unselected data a read goes through (into a discard buffer) rather than start a new read.
+
+A system call costs about what copying 64 KiB out of the page cache does, so reading a column slice of a
+matrix row by row through the gaps costs a few calls per tensor, and at most one gap's worth of memory.
+"""
 
 
 class _Shard:
@@ -93,6 +102,7 @@ class CheckpointReader:
         self.index_path: Path | None = None
         self.index_metadata: dict = {}
         self._bytes_read = 0
+        self._bytes_discarded = 0
         self._bytes_mapped = 0
         self._storages: dict[Path, torch.UntypedStorage] = {}
         self._lock = threading.Lock()
@@ -240,6 +250,16 @@ class CheckpointReader:
         return self._bytes_read
 
     @property
+    def bytes_discarded(self) -> int:
+        """Bytes read from the file only to be thrown away: the gaps between the runs of a slice (see MAX_GAP)."""
+        return self._bytes_discarded
+
+    @property
+    def read_calls(self) -> int:
+        """System calls made to read tensor data and headers so far (each a ``preadv``)."""
+        return sum(shard.file.read_calls for shard in self._shards.values())
+
+    @property
     def bytes_mapped(self) -> int:
         """Tensor data bytes handed out as file mappings by :meth:`map` (read lazily, on first touch)."""
         return self._bytes_mapped
@@ -316,7 +336,8 @@ class CheckpointReader:
 
         ``out`` must be a CPU tensor with the tensor's dtype and the selection's shape, either contiguous
         or a row-major view of contiguous memory such as ``fused[:, 64:128]``; when a contiguous stretch
-        of the file lands in several places of ``out``, one ``preadv`` fills them all. Returns ``out``.
+        of the file lands in several places of ``out``, one ``preadv`` fills them all, and so does a strided
+        selection such as a column slice whose gaps are at most MAX_GAP bytes. Returns ``out``.
         The write bypasses autograd, like ``copy_`` under ``torch.no_grad()``.
         """
         shard, entry = self._entry(key)
@@ -353,23 +374,18 @@ class CheckpointReader:
         if not offsets:
             return
         block_offsets, block = memory_runs(out, where)
+        reads = positional_reads(offsets, run, block_offsets, block, MAX_GAP)
         memory = memory_of(out)
+        gap = max((n for _, pieces in reads for at, n in pieces if at == DISCARD), default=0)
+        discard = memoryview(bytearray(gap))
         read = 0
-        if block >= run:
-            # Each run of the file lands in one stretch of memory (run divides block: both are products
-            # of trailing dimensions of the same shape).
-            for i, offset in enumerate(offsets):
-                position = i * run
-                at = block_offsets[position // block] + position % block
-                read += shard.file.read_exactly([memory[at : at + run]], entry.start + offset)
-        else:
-            # Each run of the file spans several blocks of memory: scatter it with one preadv.
-            per_run = run // block
-            for i, offset in enumerate(offsets):
-                buffers = [memory[at : at + block] for at in block_offsets[i * per_run : (i + 1) * per_run]]
-                read += shard.file.read_exactly(buffers, entry.start + offset)
+        for offset, pieces in reads:
+            buffers = [discard[:n] if at == DISCARD else memory[at : at + n] for at, n in pieces]
+            read += shard.file.read_exactly(buffers, entry.start + offset)
+        wanted = len(offsets) * run
         with self._lock:
-            self._bytes_read += read
+            self._bytes_read += wanted
+            self._bytes_discarded += read - wanted
 
     def _entry(self, key: str) -> tuple[_Shard, TensorEntry]:
         if self._closed:
