@@ -1,4 +1,5 @@
-"""splice.checkpoint: strided selections (a TP rank's columns) read in few system calls, bit for bit."""
+"""splice.checkpoint: a TP rank's pieces, bit for bit: strided selections (its columns) in few system calls,
+rows of several tensors (its fused rows) as file mappings where the pages line up."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from test_checkpoint import assert_same, random_tensor
 import splice.checkpoint.reader as reader_module
 from splice.checkpoint import CheckpointReader, save_state_dict
 from splice.checkpoint import _io as checkpoint_io
+from splice.checkpoint._stitch import CAN_STITCH, MAX_PIECES
 from splice.checkpoint.slicing import DISCARD, positional_reads
+from splice.errors import CheckpointError
 from splice.parallel.layout import chunk_bounds
 
 SHAPES = [(37, 53), (64, 24), (5, 7, 11), (1, 9)]  # uneven, non-square, 3-D, one row
@@ -109,3 +112,80 @@ def test_positional_reads_groups_runs_and_gaps_in_order():
     reads = positional_reads([0, 24], 8, [0, 64], 16, max_gap=0)
     assert reads == [(0, [(0, 8)]), (24, [(8, 8)])]
     assert positional_reads([], 8, [], 0, max_gap=16) == []
+
+
+# ------------------------------------------------------------------ rows of several tensors, stitched
+
+
+@pytest.fixture(scope="module")
+def page_rows(tmp_path_factory):
+    """float32 tensors with 1024 columns (a row is a page) over several files, and a bfloat16 one whose aren't."""
+    tensors = {
+        "a.k": random_tensor((6, 1024), torch.float32, 1),
+        "a.q": random_tensor((12, 1024), torch.float32, 2),
+        "a.v": random_tensor((6, 1024), torch.float32, 3),
+        "b.gate": random_tensor((10, 1024), torch.float32, 4),
+        "b.up": random_tensor((10, 1024), torch.float32, 5),
+        "c.odd": random_tensor((9, 53), torch.bfloat16, 6),
+        "c.odd2": random_tensor((4, 53), torch.bfloat16, 7),
+    }
+    path = save_state_dict(tensors, tmp_path_factory.mktemp("stitch") / "ckpt", max_shard_size=120_000)
+    return path, tensors
+
+
+def expected_rows(tensors, rows):
+    return torch.cat(
+        [
+            torch.zeros(stop - start, *tensors["a.q"].shape[1:]) if key is None else tensors[key][start:stop]
+            for key, start, stop in rows
+        ]
+    )
+
+
+@pytest.mark.skipif(not CAN_STITCH, reason="file mappings at fixed addresses are Linux-only")
+def test_rows_of_several_tensors_are_mapped_where_pages_line_up_and_equal_the_cat(page_rows):
+    path, tensors = page_rows
+    # a rank's rows of q, k, v with two padding rows; then a gate/up pair from another file
+    cases = [
+        [("a.q", 6, 12), ("a.k", 3, 6), ("a.v", 3, 6), (None, 0, 2)],
+        [("b.gate", 0, 5), ("b.up", 0, 5)],
+        [("a.q", 0, 12), ("b.up", 7, 10)],
+    ]
+    with CheckpointReader(path) as reader:
+        assert len({reader.file_of(k) for k in tensors}) > 1
+        for rows in cases:
+            read, mapped = reader.bytes_read, reader.bytes_mapped
+            got = reader.map_rows(rows, torch.float32)
+            expected = expected_rows(tensors, rows)
+            assert_same(got, expected)
+            padding = sum(stop - start for key, start, stop in rows if key is None) * 4096
+            assert reader.bytes_read - read + reader.bytes_mapped - mapped == expected.nbytes - padding
+            # every row is a page, so all but the pages cut by each piece's two ends are mappings
+            pieces = sum(key is not None for key, _, _ in rows)
+            assert reader.bytes_mapped - mapped >= expected.nbytes - padding - 2 * pieces * 4096
+        kept = reader.map_rows(cases[0], torch.float32)
+        stitched = [reader.map_rows(rows, torch.float32) for rows in cases]
+    # the mappings outlive the reader's descriptors, and writing to them leaves the file alone
+    assert_same(kept, expected_rows(tensors, cases[0]))
+    before = {p.name: p.read_bytes() for p in path.glob("*.safetensors")}
+    for tensor in stitched:
+        tensor.add_(1.0)
+    assert {p.name: p.read_bytes() for p in path.glob("*.safetensors")} == before
+    assert_same(stitched[1], expected_rows(tensors, cases[1]) + 1.0)
+    with CheckpointReader(path) as reader:
+        assert_same(reader.map_rows(cases[1], torch.float32), expected_rows(tensors, cases[1]))
+
+
+@pytest.mark.skipif(not CAN_STITCH, reason="file mappings at fixed addresses are Linux-only")
+def test_rows_whose_pages_do_not_line_up_are_read_and_mismatches_refused(page_rows):
+    path, tensors = page_rows
+    with CheckpointReader(path) as reader:
+        rows = [("c.odd", 2, 9), ("c.odd2", 0, 3), ("c.odd", 0, 1)]
+        got = reader.map_rows(rows, torch.bfloat16)
+        assert_same(got, torch.cat([tensors[k][a:b] for k, a, b in rows]))
+        assert reader.bytes_mapped == 0 and reader.bytes_read == got.nbytes
+        assert reader.map_rows([("a.q", 0, 2)], torch.bfloat16) is None  # not the file's dtype
+        assert reader.map_rows([("a.q", 0, 2), ("c.odd", 0, 2)], torch.float32) is None  # other trailing dims
+        assert reader.map_rows([("a.q", 0, 1)] * (MAX_PIECES + 1), torch.float32) is None
+        with pytest.raises(CheckpointError, match=r"12 rows has no rows 10:13"):
+            reader.map_rows([("a.q", 10, 13)], torch.float32)

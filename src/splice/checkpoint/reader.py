@@ -21,9 +21,9 @@ from splice.errors import CheckpointError
 from splice.transforms import TensorMeta
 
 from ._io import RandomAccessFile, memory_of
+from ._stitch import CAN_STITCH, MAX_PIECES, stitch_rows
 from .atomic import ASIDE_MARKER
 from .format import (
-    TAG_OF_DTYPE,
     Header,
     TensorEntry,
     check_little_endian,
@@ -33,7 +33,7 @@ from .format import (
     parse_header,
 )
 from .paths import member, shown
-from .slicing import DISCARD, Ranges, file_runs, memory_runs, positional_reads, select
+from .slicing import DISCARD, Ranges, TensorSlice, file_runs, memory_runs, positional_reads, select
 
 DEFAULT_WEIGHTS_NAME = "model.safetensors"
 
@@ -313,6 +313,29 @@ class CheckpointReader:
         rows = sum(entry.meta.shape[0] for _, entry in entries)
         return self._mapped(shard, first.start, TensorMeta((rows, *meta.shape[1:]), meta.dtype))
 
+    def map_rows(
+        self, rows: Sequence[tuple[str | None, int, int]], dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """``torch.cat([tensor[start:stop] for key, start, stop in rows])`` (a None key: that many zero rows),
+        as private file mappings wherever the pages line up, read elsewhere; None when it cannot be (the
+        tensors must have ``dtype`` and the same trailing dims). A TP rank takes its rows of q, k and v as
+        one fused tensor this way, without copying them into fresh memory (see ``_stitch``).
+        """
+        if not CAN_STITCH or len(rows) > MAX_PIECES:
+            return None
+        entries = [(None, None) if key is None else self._entry(key) for key, _, _ in rows]
+        located = [
+            (shard and shard.file, entry, start, stop)
+            for (shard, entry), (_, start, stop) in zip(entries, rows)
+        ]
+        stitched = stitch_rows(located, dtype)
+        if stitched is None:
+            return None
+        with self._lock:
+            self._bytes_mapped += stitched.mapped
+            self._bytes_read += stitched.read
+        return stitched.data
+
     def _mapped(self, shard: _Shard, start: int, meta: TensorMeta) -> torch.Tensor:
         with self._lock:
             storage = self._storages.get(shard.path)
@@ -417,44 +440,6 @@ class CheckpointReader:
     def __repr__(self) -> str:
         layout = f"{len(self._shards)} files" if self.index_path else "1 file"
         return f"CheckpointReader({str(self.path)!r}, {len(self)} tensors in {layout})"
-
-
-class TensorSlice:
-    """A tensor in a checkpoint, read only when indexed: ``reader.get_slice(key)[0:128, :]``.
-
-    Supports integers, slices with step 1 and ``...`` on any dimensions; each index reads just the bytes
-    it selects. ``get_shape()`` and ``get_dtype()`` mirror ``safetensors.safe_open(...).get_slice``.
-    """
-
-    def __init__(self, reader: CheckpointReader, key: str):
-        self._reader = reader
-        self.key = key
-        self.meta: TensorMeta = reader.meta(key)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.meta.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.meta.dtype
-
-    def get_shape(self) -> list[int]:
-        return list(self.meta.shape)
-
-    def get_dtype(self) -> str:
-        return TAG_OF_DTYPE[self.meta.dtype]
-
-    def __getitem__(self, index: object) -> torch.Tensor:
-        return self._reader._read(self.key, index)
-
-    def __len__(self) -> int:
-        if not self.meta.shape:
-            raise TypeError("len() of a 0-d tensor")
-        return self.meta.shape[0]
-
-    def __repr__(self) -> str:
-        return f"TensorSlice({self.key!r}, {describe(self.meta)})"
 
 
 def _close_matches(key: str, names) -> str:

@@ -12,10 +12,21 @@ system calls rather than one per row.
 from __future__ import annotations
 
 import operator
+from typing import Protocol
 
 import torch
 
 from splice.errors import CheckpointError
+from splice.transforms import TensorMeta
+
+from .format import TAG_OF_DTYPE, describe
+
+
+class _Reader(Protocol):  # CheckpointReader, which imports this module
+    def meta(self, key: str) -> TensorMeta: ...
+
+    def _read(self, key: str, index: object) -> torch.Tensor: ...
+
 
 Ranges = list[tuple[int, int]]
 """One ``(start, stop)`` per stored dimension; an integer index ``i`` is ``(i, i + 1)``."""
@@ -199,3 +210,41 @@ def positional_reads(
             pieces.append((memory_offsets[position // block] + position % block, run))
         end = offset + run
     return reads
+
+
+class TensorSlice:
+    """A tensor in a checkpoint, read only when indexed: ``reader.get_slice(key)[0:128, :]``.
+
+    Supports integers, slices with step 1 and ``...`` on any dimensions; each index reads just the bytes
+    it selects. ``get_shape()`` and ``get_dtype()`` mirror ``safetensors.safe_open(...).get_slice``.
+    """
+
+    def __init__(self, reader: _Reader, key: str):
+        self._reader = reader
+        self.key = key
+        self.meta: TensorMeta = reader.meta(key)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.meta.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.meta.dtype
+
+    def get_shape(self) -> list[int]:
+        return list(self.meta.shape)
+
+    def get_dtype(self) -> str:
+        return TAG_OF_DTYPE[self.meta.dtype]
+
+    def __getitem__(self, index: object) -> torch.Tensor:
+        return self._reader._read(self.key, index)
+
+    def __len__(self) -> int:
+        if not self.meta.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self.meta.shape[0]
+
+    def __repr__(self) -> str:
+        return f"TensorSlice({self.key!r}, {describe(self.meta)})"
