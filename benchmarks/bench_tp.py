@@ -1,9 +1,29 @@
-"""Tensor-parallel loading (tp=2, gloo on CPU) against the single-process splice load, side by side.
+"""Tensor-parallel loading (tp=2, gloo on CPU): against transformers' own TP, and against one process.
 
-    .venv/bin/python benchmarks/bench_tp.py [--workdir ./bench-out] [--tp 2]
+    .venv/bin/python benchmarks/bench_tp.py [--workdir ./bench-out] [--tp 2] [--repeats 3] [--compare-only]
 
-On the ~340M-parameter float32 Llama checkpoint of ``_common.llama_checkpoint`` (3 shards, 1.34 GB),
-fused ``qkv`` + ``gate_up``, each variant in fresh processes:
+On the ~340M-parameter float32 Llama checkpoint of ``_common.llama_checkpoint`` (3 shards, 1.34 GB).
+
+**splice vs transformers' TP.** ``--repeats`` rounds, each running both variants (in a shuffled order
+after the first round), each on ``--tp`` freshly spawned ranks (gloo, CPU), from a warm page cache:
+
+- **hf**: ``AutoModelForCausalLM.from_pretrained(path, tp_plan="auto")``, the plain layout;
+- **splice**: ``splice.from_pretrained(AutoModelForCausalLM, path, fusion_config={"qkv": True,
+  "gate_up": True}, tp_plan="auto")``.
+
+Per variant, best of the rounds and the spread (min-max) of: load time, first forward (batch 1, 32
+tokens), their sum (the slowest rank's in each round), the same in CPU seconds of the rank (user +
+system: on a busy machine, wall time mostly measures the other processes), per-rank peak RSS (``VmHWM``, reset after the
+process group starts, so it is the load and forward on top of interpreter + imports + process group),
+bytes read with read system calls (``rchar``) and the number of those calls (``syscr``) from
+``/proc/self/io``, and page faults (minor; transformers maps the files, so its reads are faults). The
+ratios are splice / hf (best over best). Then splice's own count of the bytes each rank read and
+mapped, and the physical limit: the bytes a rank must hold (its parameters) over the page-cache copy
+speed measured here with ``--tp`` readers at once (into memory already faulted in; fresh memory costs
+more, and mapped pages cost less, than that copy).
+
+**splice TP vs one process**, fused ``qkv`` + ``gate_up``, each variant in fresh processes (skipped
+with ``--compare-only``):
 
 - **single**: ``splice.from_pretrained`` in one process;
 - **tp**: ``splice.from_pretrained(..., tp_plan="auto")`` on ``--tp`` ranks at once.
@@ -24,6 +44,8 @@ import argparse
 import filecmp
 import json
 import os
+import random
+import re
 import resource
 import shutil
 import socket
@@ -51,7 +73,7 @@ _RANK = """
 import json, resource, sys
 sys.path.insert(0, {benchmarks!r})
 import bench_tp
-print("\\n@@rank@@" + json.dumps(bench_tp.tp_rank(*sys.argv[1:])))
+print("\\n@@rank@@" + json.dumps(getattr(bench_tp, sys.argv[1])(*sys.argv[2:])))
 """
 
 
@@ -114,6 +136,11 @@ def tp_rank(path: str, shards: str) -> dict:
 
 
 def run_tp(path: Path, shards: Path, tp: int) -> list[dict]:
+    return spawn_ranks("tp_rank", tp, str(path), str(shards))
+
+
+def spawn_ranks(function: str, tp: int, *args: str) -> list[dict]:
+    """``bench_tp.<function>(*args)`` on ``tp`` fresh processes forming a gloo group; their reports, by rank."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -131,7 +158,7 @@ def run_tp(path: Path, shards: Path, tp: int) -> list[dict]:
         code = _RANK.format(benchmarks=str(Path(__file__).resolve().parent))
         children.append(
             subprocess.Popen(
-                [sys.executable, "-c", code, str(path), str(shards)],
+                [sys.executable, "-c", code, function, *args],
                 stdout=subprocess.PIPE,
                 text=True,
                 env=env,
@@ -148,6 +175,147 @@ def run_tp(path: Path, shards: Path, tp: int) -> list[dict]:
         report["peak_rss"] = usage.ru_maxrss * 1024
         results.append(report)
     return results
+
+
+# --------------------------------------------------------------------------------------------------
+# splice's TP against transformers' TP
+
+
+def _proc_io() -> dict[str, int]:
+    with open("/proc/self/io") as f:
+        return {k: int(v) for k, v in (line.split(":") for line in f)}
+
+
+def _cpu() -> float:
+    """This process's CPU seconds (user + system): what the work costs, whatever else runs on the machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(field + r":\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def compare_rank(variant: str, path: str) -> dict:
+    """One rank of one variant: load tensor-parallel, then one forward, measuring each."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    dist.barrier()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS: the peak below is this load's, on top of imports and the process group
+    baseline = _status("VmRSS")
+    dist.barrier()  # every rank's clock starts together: the load's collectives would wait for a late starter
+    io, faults, cpu = _proc_io(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt, _cpu()
+    started = time.perf_counter()
+    if variant == "hf":
+        model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto")
+    else:
+        model = splice.from_pretrained(AutoModelForCausalLM, path, fusion_config=FUSION, tp_plan="auto")
+    loaded, load_cpu = time.perf_counter(), _cpu() - cpu
+    after_io = _proc_io()
+    load_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    cpu = _cpu()
+    _forward(model)
+    forwarded, forward_cpu = time.perf_counter(), _cpu() - cpu
+    local_bytes = sum(
+        (p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.parameters()
+    )  # fmt: skip
+    counters = {}
+    if variant == "splice":
+        from splice.parallel import get_parallel_state
+
+        state = get_parallel_state(model)
+        counters = {"mapped": state.bytes_mapped, "copied": state.bytes_read - state.bytes_mapped}
+    dist.barrier()
+    dist.destroy_process_group()
+    return {
+        "rank": int(os.environ["RANK"]),
+        "load": loaded - started,
+        "forward": forwarded - loaded,
+        "load_cpu": load_cpu,
+        "forward_cpu": forward_cpu,
+        "baseline_rss": baseline,
+        "peak_rss": _status("VmHWM"),
+        "rchar": after_io["rchar"] - io["rchar"],
+        "syscr": after_io["syscr"] - io["syscr"],
+        "faults": load_faults,
+        "local_bytes": local_bytes,
+        **counters,
+    }
+
+
+def page_cache_speed(path: Path, tp: int) -> float:
+    """Bytes per second one of ``tp`` concurrent readers copies out of the (warm) page cache into user memory."""
+    files = [str(f) for f in sorted(path.glob("*.safetensors"))]
+    code = (
+        "import os, sys, time, torch\n"
+        "from splice.checkpoint._io import memory_of\n"
+        "keep = torch.ones(64 << 18); buf = memory_of(keep)\n"  # 64 MiB, faulted in before the clock
+        "started, total = time.perf_counter(), 0\n"
+        "for name in sys.argv[1:]:\n"
+        "    fd = os.open(name, os.O_RDONLY)\n"
+        "    while (n := os.preadv(fd, [buf], total)): total += n\n"
+        "    total = 0; os.close(fd)\n"
+        "print(time.perf_counter() - started)\n"
+    )
+    children = [
+        subprocess.Popen([sys.executable, "-c", code, *files], stdout=subprocess.PIPE, text=True)
+        for _ in range(tp)
+    ]
+    seconds = max(float(child.communicate()[0]) for child in children)
+    return sum(os.path.getsize(f) for f in files) / seconds
+
+
+def compare(path: Path, tp: int, repeats: int) -> None:
+    runs: dict[str, list[list[dict]]] = {"hf": [], "splice": []}
+    order = list(runs)
+    for round_ in range(repeats):
+        if round_:
+            random.Random(round_).shuffle(order)
+        for variant in order:
+            runs[variant].append(spawn_ranks("compare_rank", tp, variant, str(path)))
+
+    def stat(variant: str, value) -> tuple[float, float]:
+        per_round = [value(ranks) for ranks in runs[variant]]
+        return min(per_round), max(per_round)
+
+    metrics = {
+        "load (s, slowest rank)": lambda ranks: max(r["load"] for r in ranks),
+        "first forward (s)": lambda ranks: max(r["forward"] for r in ranks),
+        "load + forward (s)": lambda ranks: max(r["load"] + r["forward"] for r in ranks),
+        "load CPU (s)": lambda ranks: max(r["load_cpu"] for r in ranks),
+        "forward CPU (s)": lambda ranks: max(r["forward_cpu"] for r in ranks),
+        "load + forward CPU (s)": lambda ranks: max(r["load_cpu"] + r["forward_cpu"] for r in ranks),
+        "peak RSS per rank (GB)": lambda ranks: max(r["peak_rss"] - r["baseline_rss"] for r in ranks) / 1e9,
+        "read() bytes per rank (GB)": lambda ranks: max(r["rchar"] for r in ranks) / 1e9,
+        "read syscalls per rank": lambda ranks: max(r["syscr"] for r in ranks),
+        "minor faults per rank": lambda ranks: max(r["faults"] for r in ranks),
+    }
+    print(f"\nsplice fused TP vs transformers' TP of the plain layout, world {tp}, gloo, best of {repeats}:")
+    print(f"    {'':28} {'hf best':>10} {'(spread)':>17} {'splice best':>12} {'(spread)':>17} {'ratio':>6}")
+    for name, value in metrics.items():
+        h, s = stat("hf", value), stat("splice", value)
+        ratio = s[0] / h[0] if h[0] else float("nan")
+        fmt = (lambda x: f"{x:.0f}") if "syscalls" in name or "faults" in name else (lambda x: f"{x:.3f}")
+        print(
+            f"    {name:28} {fmt(h[0]):>10} {f'({fmt(h[0])}-{fmt(h[1])})':>17} "
+            f"{fmt(s[0]):>12} {f'({fmt(s[0])}-{fmt(s[1])})':>17} {ratio:6.2f}"
+        )
+    ranks = runs["splice"][0]
+    print(
+        "    splice's reader per rank: "
+        + ", ".join(
+            f"{human(r['copied'])} read, {human(r['mapped'])} mapped (paged in on touch)" for r in ranks
+        )
+    )
+    must = max(r["local_bytes"] for r in ranks)
+    speed = max(page_cache_speed(path, tp) for _ in range(repeats))
+    print(
+        f"    physical limit: {human(must)} of parameters per rank / {human(speed)}/s page-cache copy per "
+        f"rank ({tp} readers at once, best of {repeats}) = {must / speed:.3f} s"
+    )
 
 
 def copy_files(src: str, dst: str) -> None:
@@ -188,6 +356,8 @@ def main() -> None:
     )
     parser.add_argument("--workdir", default="bench-out")
     parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compare-only", action="store_true", help="only splice's TP vs transformers' TP")
     args = parser.parse_args()
     workdir = Path(args.workdir).resolve()
     shape = LlamaShape()
@@ -196,6 +366,9 @@ def main() -> None:
     files = sorted(p.name for p in path.glob("*.safetensors"))
     print(f"checkpoint: {shape.parameters / 1e6:.0f}M parameters, fp32, {len(files)} shards, {human(size)}")
     warm_page_cache(path)
+    compare(path, args.tp, args.repeats)
+    if args.compare_only:
+        return
 
     one = measure("bench_tp:single", path=str(path))
     shards = workdir / f"tp{args.tp}-shards"

@@ -27,6 +27,9 @@ class RandomAccessFile:
         self.path = path
         self._file: io.FileIO = io.FileIO(path, mode)
         self._seek_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self.read_calls = 0
+        """System calls made by :meth:`read_exactly` so far (one ``preadv`` each)."""
 
     def fileno(self) -> int:
         return self._file.fileno()
@@ -44,9 +47,10 @@ class RandomAccessFile:
         memory costs one system call per IOV_MAX pieces.
         """
         buffers = [buffer for buffer in buffers if len(buffer)]
-        total = 0
+        total, calls = 0, 0
         first, consumed = 0, 0  # the first unfilled buffer, and how much of it is filled
         while first < len(buffers):
+            calls += 1
             window = buffers[first : first + IOV_MAX]
             if consumed:
                 window[0] = window[0][consumed:]
@@ -67,6 +71,8 @@ class RandomAccessFile:
                 n -= len(buffers[first])
                 first += 1
             consumed = n
+        with self._count_lock:
+            self.read_calls += calls
         return total
 
     def write_all(self, data: memoryview, offset: int) -> None:

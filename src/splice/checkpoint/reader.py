@@ -1,7 +1,9 @@
 """``CheckpointReader``: lazy, validated reads of single-file and sharded safetensors checkpoints.
 
 Headers are parsed (and checked) when the reader opens; tensor data is read only when asked for, with
-positional reads straight into the destination tensor, so nothing is mapped or buffered on the way.
+positional reads straight into the destination tensor, so nothing is mapped or buffered on the way (the
+gaps of a strided slice, read through rather than skipped with a call per run, land in one small
+discard buffer).
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from splice.errors import CheckpointError
 from splice.tensors import TensorMeta
 
 from ._io import RandomAccessFile, memory_of
+from ._stitch import CAN_STITCH, MAX_PIECES, stitch_rows
 from .atomic import ASIDE_MARKER
 from .format import (
-    TAG_OF_DTYPE,
     Header,
     TensorEntry,
     check_little_endian,
@@ -31,9 +33,16 @@ from .format import (
     parse_header,
 )
 from .paths import member, shown
-from .slicing import Ranges, file_runs, memory_runs, select
+from .slicing import DISCARD, Ranges, TensorSlice, file_runs, memory_runs, positional_reads, select
 
 DEFAULT_WEIGHTS_NAME = "model.safetensors"
+
+MAX_GAP = 64 << 10
+"""Bytes of unselected data a read goes through (into a discard buffer) rather than start a new read.
+
+A system call costs about what copying 64 KiB out of the page cache does, so reading a column slice of a
+matrix row by row through the gaps costs a few calls per tensor, and at most one gap's worth of memory.
+"""
 
 
 class _Shard:
@@ -93,6 +102,7 @@ class CheckpointReader:
         self.index_path: Path | None = None
         self.index_metadata: dict = {}
         self._bytes_read = 0
+        self._bytes_discarded = 0
         self._bytes_mapped = 0
         self._storages: dict[Path, torch.UntypedStorage] = {}
         self._lock = threading.Lock()
@@ -240,6 +250,16 @@ class CheckpointReader:
         return self._bytes_read
 
     @property
+    def bytes_discarded(self) -> int:
+        """Bytes read from the file only to be thrown away: the gaps between the runs of a slice (see MAX_GAP)."""
+        return self._bytes_discarded
+
+    @property
+    def read_calls(self) -> int:
+        """System calls made to read tensor data and headers so far (each a ``preadv``)."""
+        return sum(shard.file.read_calls for shard in self._shards.values())
+
+    @property
     def bytes_mapped(self) -> int:
         """Tensor data bytes handed out as file mappings by :meth:`map` (read lazily, on first touch)."""
         return self._bytes_mapped
@@ -293,6 +313,29 @@ class CheckpointReader:
         rows = sum(entry.meta.shape[0] for _, entry in entries)
         return self._mapped(shard, first.start, TensorMeta((rows, *meta.shape[1:]), meta.dtype))
 
+    def map_rows(
+        self, rows: Sequence[tuple[str | None, int, int]], dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """``torch.cat([tensor[start:stop] for key, start, stop in rows])`` (a None key: that many zero rows),
+        as private file mappings wherever the pages line up, read elsewhere; None when it cannot be (the
+        tensors must have ``dtype`` and the same trailing dims). A TP rank takes its rows of q, k and v as
+        one fused tensor this way, without copying them into fresh memory (see ``_stitch``).
+        """
+        if not CAN_STITCH or len(rows) > MAX_PIECES:
+            return None
+        entries = [(None, None) if key is None else self._entry(key) for key, _, _ in rows]
+        located = [
+            (shard and shard.file, entry, start, stop)
+            for (shard, entry), (_, start, stop) in zip(entries, rows)
+        ]
+        stitched = stitch_rows(located, dtype)
+        if stitched is None:
+            return None
+        with self._lock:
+            self._bytes_mapped += stitched.mapped
+            self._bytes_read += stitched.read
+        return stitched.data
+
     def _mapped(self, shard: _Shard, start: int, meta: TensorMeta) -> torch.Tensor:
         with self._lock:
             storage = self._storages.get(shard.path)
@@ -316,7 +359,8 @@ class CheckpointReader:
 
         ``out`` must be a CPU tensor with the tensor's dtype and the selection's shape, either contiguous
         or a row-major view of contiguous memory such as ``fused[:, 64:128]``; when a contiguous stretch
-        of the file lands in several places of ``out``, one ``preadv`` fills them all. Returns ``out``.
+        of the file lands in several places of ``out``, one ``preadv`` fills them all, and so does a strided
+        selection such as a column slice whose gaps are at most MAX_GAP bytes. Returns ``out``.
         The write bypasses autograd, like ``copy_`` under ``torch.no_grad()``.
         """
         shard, entry = self._entry(key)
@@ -353,23 +397,18 @@ class CheckpointReader:
         if not offsets:
             return
         block_offsets, block = memory_runs(out, where)
+        reads = positional_reads(offsets, run, block_offsets, block, MAX_GAP)
         memory = memory_of(out)
+        gap = max((n for _, pieces in reads for at, n in pieces if at == DISCARD), default=0)
+        discard = memoryview(bytearray(gap))
         read = 0
-        if block >= run:
-            # Each run of the file lands in one stretch of memory (run divides block: both are products
-            # of trailing dimensions of the same shape).
-            for i, offset in enumerate(offsets):
-                position = i * run
-                at = block_offsets[position // block] + position % block
-                read += shard.file.read_exactly([memory[at : at + run]], entry.start + offset)
-        else:
-            # Each run of the file spans several blocks of memory: scatter it with one preadv.
-            per_run = run // block
-            for i, offset in enumerate(offsets):
-                buffers = [memory[at : at + block] for at in block_offsets[i * per_run : (i + 1) * per_run]]
-                read += shard.file.read_exactly(buffers, entry.start + offset)
+        for offset, pieces in reads:
+            buffers = [discard[:n] if at == DISCARD else memory[at : at + n] for at, n in pieces]
+            read += shard.file.read_exactly(buffers, entry.start + offset)
+        wanted = len(offsets) * run
         with self._lock:
-            self._bytes_read += read
+            self._bytes_read += wanted
+            self._bytes_discarded += read - wanted
 
     def _entry(self, key: str) -> tuple[_Shard, TensorEntry]:
         if self._closed:
@@ -401,44 +440,6 @@ class CheckpointReader:
     def __repr__(self) -> str:
         layout = f"{len(self._shards)} files" if self.index_path else "1 file"
         return f"CheckpointReader({str(self.path)!r}, {len(self)} tensors in {layout})"
-
-
-class TensorSlice:
-    """A tensor in a checkpoint, read only when indexed: ``reader.get_slice(key)[0:128, :]``.
-
-    Supports integers, slices with step 1 and ``...`` on any dimensions; each index reads just the bytes
-    it selects. ``get_shape()`` and ``get_dtype()`` mirror ``safetensors.safe_open(...).get_slice``.
-    """
-
-    def __init__(self, reader: CheckpointReader, key: str):
-        self._reader = reader
-        self.key = key
-        self.meta: TensorMeta = reader.meta(key)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.meta.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.meta.dtype
-
-    def get_shape(self) -> list[int]:
-        return list(self.meta.shape)
-
-    def get_dtype(self) -> str:
-        return TAG_OF_DTYPE[self.meta.dtype]
-
-    def __getitem__(self, index: object) -> torch.Tensor:
-        return self._reader._read(self.key, index)
-
-    def __len__(self) -> int:
-        if not self.meta.shape:
-            raise TypeError("len() of a 0-d tensor")
-        return self.meta.shape[0]
-
-    def __repr__(self) -> str:
-        return f"TensorSlice({self.key!r}, {describe(self.meta)})"
 
 
 def _close_matches(key: str, names) -> str:

@@ -3,15 +3,30 @@
 A selection of a C-ordered tensor is a set of equally long contiguous runs: every trailing dimension that
 is selected whole merges into the run, the innermost partially selected dimension sets its length, and
 the dimensions before it enumerate the runs. Selecting leading rows is therefore a single run.
+
+``positional_reads`` then groups the runs into few positional reads: runs whose gaps are small are read
+together, the gaps into a discard buffer, so a column slice of a matrix (one run per row) costs a few
+system calls rather than one per row.
 """
 
 from __future__ import annotations
 
 import operator
+from typing import Protocol
 
 import torch
 
 from splice.errors import CheckpointError
+from splice.transforms import TensorMeta
+
+from .format import TAG_OF_DTYPE, describe
+
+
+class _Reader(Protocol):  # CheckpointReader, which imports this module
+    def meta(self, key: str) -> TensorMeta: ...
+
+    def _read(self, key: str, index: object) -> torch.Tensor: ...
+
 
 Ranges = list[tuple[int, int]]
 """One ``(start, stop)`` per stored dimension; an integer index ``i`` is ``(i, i + 1)``."""
@@ -156,3 +171,80 @@ def memory_runs(out: torch.Tensor, where: str) -> tuple[list[int], int]:
             steps = torch.arange(shape[dim], dtype=torch.int64) * (strides[dim] * itemsize)
             offsets = (offsets[:, None] + steps).reshape(-1)
     return offsets.tolist(), block * itemsize
+
+
+Piece = tuple[int, int]
+"""``(memory byte offset, length)`` of one piece of a read; offset ``DISCARD`` is a gap read and thrown away."""
+
+DISCARD = -1
+
+
+def positional_reads(
+    file_offsets: list[int], run: int, memory_offsets: list[int], block: int, max_gap: int
+) -> list[tuple[int, list[Piece]]]:
+    """The reads that move file runs (``file_runs``) into memory blocks (``memory_runs``), as ``(file offset, pieces)``.
+
+    Each read covers one contiguous stretch of the file and scatters it over its pieces in order. Runs
+    follow each other in the same read when the gap between them is at most ``max_gap`` bytes; the gap
+    becomes a ``DISCARD`` piece. Runs and blocks are in C order and their lengths divide one another (both
+    are products of trailing dimensions of the same shape), so each run lands in one block or spans whole ones.
+    """
+    reads: list[tuple[int, list[Piece]]] = []
+    if not file_offsets:
+        return reads
+    pieces: list[Piece] = []
+    end = None
+    per_run = run // block if block < run else 0
+    for i, offset in enumerate(file_offsets):
+        gap = None if end is None else offset - end
+        if gap is not None and 0 <= gap <= max_gap:
+            if gap:
+                pieces.append((DISCARD, gap))
+        else:
+            pieces = []
+            reads.append((offset, pieces))
+        if per_run:
+            pieces.extend((at, block) for at in memory_offsets[i * per_run : (i + 1) * per_run])
+        else:
+            position = i * run
+            pieces.append((memory_offsets[position // block] + position % block, run))
+        end = offset + run
+    return reads
+
+
+class TensorSlice:
+    """A tensor in a checkpoint, read only when indexed: ``reader.get_slice(key)[0:128, :]``.
+
+    Supports integers, slices with step 1 and ``...`` on any dimensions; each index reads just the bytes
+    it selects. ``get_shape()`` and ``get_dtype()`` mirror ``safetensors.safe_open(...).get_slice``.
+    """
+
+    def __init__(self, reader: _Reader, key: str):
+        self._reader = reader
+        self.key = key
+        self.meta: TensorMeta = reader.meta(key)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.meta.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.meta.dtype
+
+    def get_shape(self) -> list[int]:
+        return list(self.meta.shape)
+
+    def get_dtype(self) -> str:
+        return TAG_OF_DTYPE[self.meta.dtype]
+
+    def __getitem__(self, index: object) -> torch.Tensor:
+        return self._reader._read(self.key, index)
+
+    def __len__(self) -> int:
+        if not self.meta.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self.meta.shape[0]
+
+    def __repr__(self) -> str:
+        return f"TensorSlice({self.key!r}, {describe(self.meta)})"

@@ -239,6 +239,14 @@ def _load_local(
                 stats["mapped"] += local.nbytes
                 out.append((target, local))
                 continue
+            mapped = reader.bytes_mapped
+            local = reader.map_rows([(r.source, r.start, r.stop) for r in reads], dtype) if dim == 0 else None
+            if local is not None:
+                # rows of several tensors (a fused qkv's q, k and v rows): mapped where the pages line up
+                stats["sharded"] += reader.bytes_mapped - mapped + reader.bytes_read - before
+                stats["mapped"] += reader.bytes_mapped - mapped
+                out.append((target, local))
+                continue
             local = torch.empty(shape, dtype=dtype)
             for read in reads:
                 view = local.narrow(dim, read.at, read.rows)

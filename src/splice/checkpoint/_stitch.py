@@ -1,0 +1,140 @@
+"""One tensor from byte ranges of several files, mapped from the page cache where the pages line up.
+
+A TP rank's fused ``qkv_proj`` is its rows of q, then of k, then of v: three ranges of the file, none
+next to the other. Reading them copies every byte into freshly allocated memory, and on a virtual
+machine faulting in that fresh memory costs more than the copy. Instead, an anonymous region is
+reserved for the whole tensor and every whole page of a range whose file offset has the same remainder
+modulo the page size as its place in the region is replaced by a private mapping of the file
+(``mmap(MAP_FIXED | MAP_PRIVATE)``): those pages come straight from the page cache, on first touch,
+and a write copies just the page written. Only the partial pages at the ends of each range, and the
+ranges that do not line up, are read. Safetensors files of matrices whose rows are a multiple of the
+page size (4096 float32 columns, 2048 bfloat16 ones... and any multiple) line up throughout.
+
+The tensor owns the region (``torch.frombuffer`` keeps the ``mmap`` object alive); freeing it unmaps
+everything. Linux only; elsewhere ``stitch`` is not used (``CAN_STITCH``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+from typing import NamedTuple
+
+import torch
+
+from splice.errors import CheckpointError
+from splice.transforms import TensorMeta
+
+from ._io import RandomAccessFile
+from .format import TensorEntry
+
+PAGE = mmap.PAGESIZE
+MAX_PIECES = 64
+"""More pieces than this (e.g. hundreds of experts) are read instead: each mapped piece is a few kernel
+mappings, and a process may hold only ``vm.max_map_count`` of them."""
+
+CAN_STITCH = sys.platform.startswith("linux") and hasattr(mmap, "MAP_ANONYMOUS")
+
+_MAP_FIXED = 0x10  # Linux, every architecture
+if CAN_STITCH:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.mmap.restype = ctypes.c_void_p
+    _libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+
+
+class Piece(NamedTuple):
+    """``length`` bytes at ``offset`` of ``file``, or ``length`` zero bytes when ``file`` is None."""
+
+    file: RandomAccessFile | None
+    offset: int
+    length: int
+
+
+class Stitched(NamedTuple):
+    data: torch.Tensor
+    """The pieces back to back: uint8 from ``stitch``, the rows in their dtype and shape from ``stitch_rows``."""
+    mapped: int
+    """Bytes of it that are file mappings (paged in on first touch)."""
+    read: int
+    """Bytes of it that were read."""
+
+
+def stitch_rows(
+    rows: list[tuple[RandomAccessFile | None, TensorEntry | None, int, int]], dtype: torch.dtype
+) -> Stitched | None:
+    """Rows ``start:stop`` of each ``(file, entry, start, stop)`` stacked (no file: zero rows); None when the
+    tensors' dtype is not ``dtype``, they have no rows, or their trailing dims differ."""
+    metas = [entry.meta for _, entry, _, _ in rows if entry is not None]
+    if not metas or any(not m.shape or m.shape[1:] != metas[0].shape[1:] or m.dtype != dtype for m in metas):
+        return None
+    trailing = metas[0].shape[1:]
+    row_bytes = TensorMeta(tuple(trailing), dtype).nbytes
+    pieces = []
+    for file, entry, start, stop in rows:
+        if entry is not None and not 0 <= start <= stop <= entry.meta.shape[0]:
+            raise CheckpointError(
+                f"{file.path}: a tensor of {entry.meta.shape[0]} rows has no rows {start}:{stop}"
+            )
+        at = 0 if entry is None else entry.start + start * row_bytes
+        pieces.append(Piece(file, at, (stop - start) * row_bytes))
+    data, mapped, read = stitch(pieces)
+    count = sum(stop - start for _, _, start, stop in rows)
+    return Stitched(data.view(dtype).view(count, *trailing), mapped, read)
+
+
+def stitch(pieces: list[Piece]) -> Stitched:
+    """The bytes of ``pieces`` back to back, mapped where their pages line up and read where they do not."""
+    total = sum(piece.length for piece in pieces)
+    if not total:
+        return Stitched(torch.empty(0, dtype=torch.uint8), 0, 0)
+    # put the tensor at the remainder that lines up the most bytes of the file
+    weight: dict[int, int] = {}
+    position = 0
+    for piece in pieces:
+        if piece.file is not None:
+            key = (piece.offset - position) % PAGE
+            weight[key] = weight.get(key, 0) + piece.length
+        position += piece.length
+    shift = max(weight, key=weight.__getitem__) if weight else 0
+    region = mmap.mmap(-1, max(PAGE, _round_up(shift + total)), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory = memoryview(region)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    mapped = read = 0
+    try:
+        position = shift
+        for piece in pieces:
+            start, end = position, position + piece.length
+            position = end
+            if piece.file is None:
+                continue  # anonymous memory is zeros
+            first = last = start  # the whole pages of [start, end) that are mapped: none unless they line up
+            if (piece.offset - start) % PAGE == 0 and end - end % PAGE > _round_up(start):
+                first, last = _round_up(start), end - end % PAGE
+                if _map_fixed(base + first, last - first, piece.file, piece.offset + first - start):
+                    mapped += last - first
+                else:  # a file system that cannot map: read it all
+                    first = last = start
+            for a, b in ((start, first), (last, end)):
+                if b > a:
+                    read += piece.file.read_exactly([memory[a:b]], piece.offset + a - start)
+    finally:
+        memory.release()
+    return Stitched(torch.frombuffer(region, dtype=torch.uint8, offset=shift, count=total), mapped, read)
+
+
+def _map_fixed(address: int, length: int, file: RandomAccessFile, offset: int) -> bool:
+    """Replace ``length`` bytes of memory at ``address`` with a private mapping of ``file`` from ``offset``."""
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    return _libc.mmap(address, length, prot, mmap.MAP_PRIVATE | _MAP_FIXED, file.fileno(), offset) == address
+
+
+def _round_up(n: int) -> int:
+    return -(-n // PAGE) * PAGE
