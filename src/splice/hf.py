@@ -88,7 +88,7 @@ def from_pretrained(
     import transformers  # noqa: F401  (fail early with a clear ImportError when the extra is missing)
 
     call = LoadCall.parse(pretrained_model_name_or_path, config, kwargs)
-    if tp_plan is not None or distributed_config is not None:
+    if tp_plan is not None or distributed_config is not None or kwargs.get("tp_size") is not None:
         if call.state_dict is not None or call.output_loading_info:
             raise LoadError("state_dict= and output_loading_info= are not supported with tensor parallelism")
         from splice.parallel.load import (

@@ -65,6 +65,7 @@ def requests(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Te
         "dict(tp_size)": dict(distributed_config={"tp_size": world}),
         "tp_plan": dict(tp_plan="auto"),
         "tp_size": dict(tp_plan="auto", tp_size=world),
+        "tp_size alone": dict(tp_size=world),  # transformers: the model's own plan
         "1-D device_mesh": dict(distributed_config=DistributedConfig(tp_size=world), device_mesh=line),
     }
     refused: dict[str, dict[str, Any]] = {
