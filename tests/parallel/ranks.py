@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import multiprocessing
+import os
 import traceback
 from pathlib import Path
 from types import ModuleType
@@ -43,6 +44,9 @@ def _main(
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world)
+    )  # as torchrun sets them (DistributedConfig reads it)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         results = importlib.import_module(module).SCENARIOS[scenario](rank, world, Path(workdir), **options)

@@ -57,7 +57,7 @@ class LoadRequest:
 
     @property
     def tensor_parallel(self) -> bool:
-        return self.tp_plan is not None or self.distributed_config is not None
+        return self.tp_plan is not None or self.distributed_config is not None or self.tp_size is not None
 
     @classmethod
     def of(
@@ -78,6 +78,9 @@ class LoadRequest:
             fields["dtype"] = torch_dtype
         request = cls(model_cls, path, **fields)
         request._check_source()
+        request.tp_size = kwargs.pop(
+            "tp_size", None
+        )  # alone, it asks for TP with the model's plan (as transformers)
         if request.tensor_parallel:
             if request.state_dict is not None or request.output_loading_info:
                 raise LoadError(
@@ -85,7 +88,6 @@ class LoadRequest:
                 )
             if request.device_map is not None:
                 raise LoadError("tensor parallelism and device_map are mutually exclusive")
-            request.tp_size = kwargs.pop("tp_size", None)
             request.device_mesh = kwargs.pop("device_mesh", None)
         for name in list(kwargs):
             if name in _UNSUPPORTED:

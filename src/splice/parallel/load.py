@@ -53,19 +53,17 @@ __all__ = ["from_pretrained_tp"]
 def from_pretrained_tp(request: LoadRequest, prepare: Callable[[LoadRequest], Prepared]) -> nn.Module:
     """Load a model tensor-parallel over the current process group, in the layout the request's fusion asks for.
 
-    ``splice.from_pretrained(..., tp_plan=...)`` calls this with its request and its ``prepare`` (which
-    resolves, builds on meta, fuses and maps; called once the mesh exists). ``tp_plan`` is ``"auto"``
-    (the model's own plan) or a dict of overrides on it, keyed by the original module names
-    (``{"model.layers.*.mlp.down_proj": "rowwise"}``); ``distributed_config`` may be given instead (a
-    transformers ``DistributedConfig`` or its dict), with ``tp_size`` and ``tp_plan``. ``tp_size``
-    (default: the world size) and ``device_mesh`` (a 1-D ``DeviceMesh``) are also accepted.
-    Every rank of the process group must call this.
+    ``splice.from_pretrained`` calls this with its request and its ``prepare`` (which resolves, builds on
+    meta, fuses and maps; called once the mesh exists). The request reads as in transformers:
+    ``distributed_config=DistributedConfig(tp_size=..., tp_plan=...)`` (or its dict), or the older standalone
+    ``tp_plan`` / ``tp_size``, not both (see `_request`). ``tp_plan`` is ``"auto"`` (the model's own plan) or
+    a dict of overrides on it, keyed by the original module names (``{"model.layers.*.mlp.down_proj":
+    "rowwise"}``). ``device_mesh`` is a 1-D ``DeviceMesh``, or a mesh with a ``"tp"`` dimension (its
+    sub-mesh is used). Every rank of the process group must call this.
     """
     overrides, tp_size = _request(request.tp_plan, request.distributed_config, request.tp_size)
     device_mesh = request.device_mesh
-    mesh = device_mesh if device_mesh is not None else make_mesh(tp_size)
-    if mesh.ndim != 1:
-        raise LoadError(f"device_mesh must be 1-D (the tensor-parallel ranks), got {mesh.ndim}-D")
+    mesh = make_mesh(tp_size) if device_mesh is None else _tp_dimension(device_mesh, tp_size)
     tp, rank = mesh.size(), mesh.get_local_rank()
 
     prepared = prepare(request)
@@ -127,9 +125,19 @@ def from_pretrained_tp(request: LoadRequest, prepare: Callable[[LoadRequest], Pr
 
 
 def _request(tp_plan: Any, distributed_config: Any, tp_size: int | None) -> tuple[dict[str, str], int | None]:
+    """The plan overrides and the TP size, read the way transformers reads them.
+
+    ``distributed_config`` (a ``DistributedConfig`` or its dict) excludes the standalone ``tp_plan`` and
+    ``tp_size``. In it, ``tp_plan=None`` with a ``tp_size`` means the model's own plan, and a plan
+    without ``tp_size`` spans the world; neither asks for no tensor parallelism at all. ``None`` as
+    the size means "the world" (or the given ``device_mesh``).
+    """
     if distributed_config is not None:
-        if tp_plan is not None:
-            raise LoadError("pass either tp_plan or distributed_config, not both")
+        if tp_plan is not None or tp_size is not None:
+            raise LoadError(
+                "pass either distributed_config or the standalone tp_plan / tp_size, not both "
+                "(as transformers requires): set tp_plan and tp_size on the DistributedConfig"
+            )
         get = distributed_config.get if isinstance(distributed_config, dict) else (
             lambda name, default=None: getattr(distributed_config, name, default)
         )  # fmt: skip
@@ -138,15 +146,40 @@ def _request(tp_plan: Any, distributed_config: Any, tp_size: int | None) -> tupl
                 raise LoadError(
                     f"distributed_config.{name}={get(name)}: splice's loader does tensor parallelism only"
                 )
-        if tp_size is not None and get("tp_size") not in (None, tp_size):
-            raise LoadError(f"tp_size={tp_size} disagrees with distributed_config.tp_size={get('tp_size')}")
-        tp_size = get("tp_size") or tp_size
-        tp_plan = get("tp_plan") if get("tp_plan") is not None else "auto"
+        if get("enable_expert_parallel"):
+            raise LoadError(
+                "distributed_config.enable_expert_parallel: splice's loader does tensor parallelism only"
+            )
+        tp_plan, tp_size = get("tp_plan"), get("tp_size")
+        if tp_plan is None and tp_size is None or tp_size == 1:
+            raise LoadError(
+                f"distributed_config asks for no tensor parallelism (tp_plan={tp_plan!r}, tp_size={tp_size!r}); "
+                "set tp_size (or tp_plan), or call splice.from_pretrained without it for a single-process load"
+            )
+    if tp_size is not None and (not isinstance(tp_size, int) or tp_size < 1):
+        raise LoadError(f"tp_size must be a positive int, got {tp_size!r}")
     if tp_plan is None or tp_plan == "auto":
         return {}, tp_size
     if isinstance(tp_plan, dict):
         return dict(tp_plan), tp_size
     raise LoadError(f'tp_plan must be "auto" or a dict of module pattern -> style, got {tp_plan!r}')
+
+
+def _tp_dimension(device_mesh, tp_size: int | None):
+    """The tensor-parallel ranks of a user's ``device_mesh``: the mesh itself (1-D), or its ``"tp"`` dimension."""
+    if device_mesh.ndim > 1:
+        names = device_mesh.mesh_dim_names or ()
+        if "tp" not in names:
+            raise LoadError(
+                f"device_mesh is {device_mesh.ndim}-D with dimensions {names}; a mesh of more than one "
+                'dimension must name its tensor-parallel dimension "tp"'
+            )
+        device_mesh = device_mesh["tp"]
+    if tp_size is not None and tp_size != device_mesh.size():
+        raise LoadError(
+            f"tp_size={tp_size} disagrees with the device_mesh's tensor-parallel size {device_mesh.size()}"
+        )
+    return device_mesh
 
 
 def make_mesh(tp_size: int | None = None):
