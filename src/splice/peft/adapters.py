@@ -57,9 +57,11 @@ def get_peft_model(
     """
     import peft
 
-    _refuse_tensor_parallel(model)
+    from splice.peft import tensor_parallel
+
     config = adapt_peft_config(model, lora_config)
     _refuse_bypassing_kernels(base_model(model), config)
+    tensor_parallel.prepare(model, config)
     if isinstance(model, peft.PeftModel):
         type(model).add_adapter(model, adapter_name, config, **kwargs)
         return model
@@ -90,9 +92,12 @@ class _OriginalNames:
 def _add_adapter(self: Any, adapter_name: str, peft_config: Any, *args: Any, **kwargs: Any) -> None:
     from peft import LoraConfig
 
+    from splice.peft import tensor_parallel
+
     if isinstance(peft_config, LoraConfig):
         peft_config = adapt_peft_config(self, peft_config)
         _refuse_bypassing_kernels(base_model(self), peft_config)
+        tensor_parallel.prepare(self, peft_config)
     return type(self).add_adapter(self, adapter_name, peft_config, *args, **kwargs)
 
 
@@ -118,18 +123,6 @@ def _load_adapter(
 
 
 _METHODS = {"add_adapter": _add_adapter, "load_adapter": _load_adapter}
-
-
-def _refuse_tensor_parallel(model: nn.Module) -> None:
-    """PEFT layers on DTensor bases are not wired up: their plain factors would see local shards as whole."""
-    from splice.parallel.state import STATE_ATTR
-
-    if STATE_ATTR in base_model(model).__dict__:
-        raise AdapterError(
-            f"{type(base_model(model)).__name__} is loaded tensor-parallel; LoRA layers on its sharded Linears are "
-            "not supported yet. Train or apply the adapter on an unsharded model (one process), or move the "
-            "adapter tensors with splice.parallel.shard_lora / consolidate_lora"
-        )
 
 
 def _refuse_bypassing_kernels(model: nn.Module, config: Any) -> None:
@@ -171,6 +164,8 @@ def save_adapter(
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
 
+    from splice.peft import tensor_parallel
+
     if not isinstance(peft_model, PeftModel):
         raise AdapterError(f"save_adapter takes a PeftModel, got {type(peft_model).__name__}")
     book = AddressBook.of(peft_model)
@@ -185,6 +180,7 @@ def save_adapter(
         specs = _layer_specs(book, adapter)
         plan = plan_original(book, specs, blocks_of(peft_model, adapter))
         state = get_peft_model_state_dict(peft_model, adapter_name=adapter)
+        state = tensor_parallel.gather(peft_model, state)  # collective under TP
         tensors, cols = _original_tensors(state, plan, book)
         metadata = describe_stacks(plan, book, specs, cols)
         original = original_config(config, plan, book)
@@ -198,7 +194,7 @@ def save_adapter(
             cls = type(book.model)
             auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
         out = Path(save_directory) if adapter == "default" else Path(save_directory) / adapter
-        _write(out, original, tensors, metadata, auto_mapping)
+        tensor_parallel.write_once(peft_model, _write, out, original, tensors, metadata, auto_mapping)
 
 
 def _layer_specs(book: AddressBook, adapter: str) -> dict[str, LoraSpec]:
@@ -317,12 +313,13 @@ def load_adapter(
     import peft
     from peft.utils import set_peft_model_state_dict
 
+    from splice.peft import tensor_parallel
+
     if fuse_lora and is_trainable:
         raise AdapterError(
             "fuse_lora=True builds block-diagonal LoRAs for inference; training them would let the zero blocks "
             "learn (k would change where the adapter only targets q and v). Load with fuse_lora=False to train"
         )
-    _refuse_tensor_parallel(model)
     config = peft.PeftConfig.from_pretrained(str(adapter_dir))
     _check_lora(config)
     state, metadata = _read(Path(adapter_dir))
@@ -346,6 +343,7 @@ def load_adapter(
         keep_default=True,
     )
     mark_runtime(runtime_config)
+    tensor_parallel.prepare(model, runtime_config)
     runtime_config.inference_mode = not is_trainable
     if runtime_config.fan_in_fan_out and not any(
         type(book.by_runtime[p].module).__name__ == "Conv1D" for p in plan
@@ -367,6 +365,7 @@ def load_adapter(
         _refuse_bypassing_kernels(model, runtime_config)
         peft_model = peft.get_peft_model(model, runtime_config, adapter_name=adapter_name)
         _install(peft_model)
+    tensors = tensor_parallel.lay_out(peft_model, tensors)  # under TP: this rank's DTensors
     result = set_peft_model_state_dict(peft_model, tensors, adapter_name=adapter_name)
     missing = [k for k in result.missing_keys if f".{adapter_name}" in k and "lora_" in k]
     if result.unexpected_keys or missing:

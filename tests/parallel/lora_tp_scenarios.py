@@ -1,0 +1,162 @@
+"""What each rank does in the LoRA-under-TP tests. One spawn per world size; the parent checks the results.
+
+Every rank seeds like the one-process reference, so ``splice.peft.get_peft_model`` must draw the same
+initial factors; then it trains, saves (collective, rank 0 writes), and loads the adapters back.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import ranks
+import torch
+
+PRELOAD = [
+    "torch",
+    "torch.distributed.tensor.parallel",
+    "transformers",
+    "transformers.models.llama.modeling_llama",
+    "peft",
+    "splice.hf",
+    "splice.parallel.load",
+    "splice.peft",
+    "splice.peft.tensor_parallel",
+    "tiny",
+]
+
+SEED = 1234
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def spawn(scenario: str, world: int, workdir: Path, **options: Any) -> list[dict[str, Any]]:
+    return ranks.spawn(sys.modules[__name__], scenario, world, workdir, **options)
+
+
+def lora_config():
+    import peft
+
+    return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
+
+
+def optimizer(name: str, params):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.5)
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+def train(model, ids: torch.Tensor, opt: str, steps: int) -> list[torch.Tensor]:
+    """``steps`` optimizer steps on a causal-LM loss; the loss of each step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = optimizer(opt, params)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        optim.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optim.step()
+        losses.append(loss.detach().clone())
+    return losses
+
+
+def _error(function) -> str | None:
+    try:
+        function()
+    except Exception as exc:  # the message is what the test checks
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+# --------------------------------------------------------------------------------------------------
+# scenarios
+
+
+def lora(
+    rank: int,
+    world: int,
+    workdir: Path,
+    *,
+    source: str,
+    ids: torch.Tensor,
+    opt: str,
+    steps: int,
+    fusion: dict,
+) -> dict:
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+
+    import splice
+
+    tag = f"{world}-{'fused' if fusion else 'unfused'}"
+    out: dict[str, Any] = {}
+    model = splice.from_pretrained(AutoModelForCausalLM, source, fusion_config=fusion, tp_plan="auto")
+    torch.manual_seed(SEED)
+    peft_model = splice.peft.get_peft_model(model, lora_config())
+    attention = peft_model.base_model.model.model.layers[0].self_attn
+    mlp = peft_model.base_model.model.model.layers[0].mlp
+    out["placements"] = {
+        name: (
+            type(layer.lora_A["default"].weight).__name__,
+            tuple(map(repr, layer.lora_A["default"].weight.placements)),
+            tuple(layer.lora_A["default"].weight.to_local().shape),
+            tuple(map(repr, layer.lora_B["default"].weight.placements)),
+            tuple(layer.lora_B["default"].weight.to_local().shape),
+        )
+        for name, layer in (
+            ("k_proj", attention.k_proj),
+            ("gate_proj", mlp.gate_proj),
+            ("down_proj", mlp.down_proj),
+        )
+    }
+    out["all_dtensors"] = all(
+        isinstance(p, DTensor) for n, p in peft_model.named_parameters() if "lora_" in n
+    )
+    splice.peft.save_adapter(peft_model, workdir / f"init-{tag}")
+    out["losses"] = train(peft_model, ids, opt, steps)
+    out["logits"] = _logits(peft_model, ids)
+    splice.peft.save_adapter(peft_model, workdir / f"trained-{tag}")
+    out["merge_refused"] = _error(lambda: peft_model.merge_adapter())
+
+    # the trained adapter, loaded onto a fresh tensor-parallel model, fused and not
+    for name, config in (("fused", {"qkv": True, "gate_up": True}), ("unfused", {})):
+        fresh = splice.from_pretrained(AutoModelForCausalLM, source, fusion_config=config, tp_plan="auto")
+        loaded = splice.peft.load_adapter(fresh, workdir / f"trained-{tag}")
+        out[f"loaded_{name}_logits"] = _logits(loaded, ids)
+
+    # a trainable load continues training like the one-process model does
+    fresh = splice.from_pretrained(AutoModelForCausalLM, source, fusion_config=fusion, tp_plan="auto")
+    resumed = splice.peft.load_adapter(fresh, workdir / f"init-{tag}", is_trainable=True)
+    out["resumed_losses"] = train(resumed, ids, opt, steps)
+    splice.peft.save_adapter(resumed, workdir / f"resumed-{tag}")
+
+    if world == 4 and fusion:
+        # a kv replica of B that trained apart, and padding of B that is no longer zero, stop the save
+        k_b = attention.k_proj.lora_B["default"].weight.data.to_local()
+        with torch.no_grad():
+            kept = k_b.clone()
+            if rank == 1:
+                k_b += 1.0
+            out["diverged"] = _error(lambda: splice.peft.save_adapter(peft_model, workdir / "diverged"))
+            k_b.copy_(kept)
+            gate_b = mlp.gate_proj.lora_B["default"].weight.data.to_local()
+            if rank == world - 1:
+                gate_b[-1] = 1.0
+            out["dirty_padding"] = _error(lambda: splice.peft.save_adapter(peft_model, workdir / "dirty"))
+        out["embedding_refused"] = _error(
+            lambda: splice.peft.get_peft_model(
+                splice.from_pretrained(AutoModelForCausalLM, source, fusion_config=fusion, tp_plan="auto"),
+                __import__("peft").LoraConfig(r=2, target_modules=["embed_tokens"]),
+            )
+        )
+    return out
+
+
+SCENARIOS = {"lora": lora}
