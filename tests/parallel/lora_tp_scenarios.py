@@ -27,6 +27,7 @@ PRELOAD = [
 ]
 
 SEED = 1234
+MAX_NORM = 0.05  # below the gradient norms of these runs, so clipping acts
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -43,11 +44,17 @@ def lora_config():
 def optimizer(name: str, params):
     if name == "sgd":
         return torch.optim.SGD(params, lr=0.5)
-    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    # Adam's first steps move each element by about lr * sign(g): an element whose gradient is near round-off
+    # moves by chance, by up to a fraction of lr. lr and eps keep that below the tests' 1e-5 (SGD has no such
+    # amplification and runs at a large lr)
+    return torch.optim.AdamW(params, lr=2e-3, weight_decay=0.1, eps=1e-6)
 
 
-def train(model, ids: torch.Tensor, opt: str, steps: int) -> list[torch.Tensor]:
-    """``steps`` optimizer steps on a causal-LM loss; the loss of each step."""
+def train(model, ids: torch.Tensor, opt: str, steps: int, clip=None) -> list[torch.Tensor]:
+    """``steps`` optimizer steps on a causal-LM loss, gradients clipped; each step's loss and gradient norm.
+
+    ``clip(model, max_norm)`` clips (default: torch's ``clip_grad_norm_`` over the trainable parameters).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     optim = optimizer(opt, params)
     model.train()
@@ -56,8 +63,13 @@ def train(model, ids: torch.Tensor, opt: str, steps: int) -> list[torch.Tensor]:
         optim.zero_grad()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        if clip is None:
+            norm = torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+        else:
+            norm = clip(model, MAX_NORM)
         optim.step()
-        losses.append(loss.detach().clone())
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        losses.append(torch.stack([loss.detach(), norm.detach()]))
     return losses
 
 
@@ -75,6 +87,13 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+def splice_clip(peft_model, max_norm: float) -> torch.Tensor:
+    """splice's clipping for TP models, which counts replicated kv rows once (torch's counts every copy)."""
+    from splice.parallel import clip_grad_norm_
+
+    return clip_grad_norm_(peft_model.base_model.model, max_norm)
+
+
 # --------------------------------------------------------------------------------------------------
 # scenarios
 
@@ -89,6 +108,7 @@ def lora(
     opt: str,
     steps: int,
     fusion: dict,
+    clip: str,
 ) -> dict:
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM
@@ -120,21 +140,31 @@ def lora(
         isinstance(p, DTensor) for n, p in peft_model.named_parameters() if "lora_" in n
     )
     splice.peft.save_adapter(peft_model, workdir / f"init-{tag}")
-    out["losses"] = train(peft_model, ids, opt, steps)
+    clipping = splice_clip if clip == "splice" else None
+    out["losses"] = train(peft_model, ids, opt, steps, clipping)
     out["logits"] = _logits(peft_model, ids)
     splice.peft.save_adapter(peft_model, workdir / f"trained-{tag}")
     out["merge_refused"] = _error(lambda: peft_model.merge_adapter())
+    peft_model.add_adapter("second", lora_config())  # not active: made, sharded, and frozen
+    second = attention.k_proj.lora_B["second"].weight
+    out["second"] = (type(second).__name__, repr(second.placements[0]), second.requires_grad)
 
     # the trained adapter, loaded onto a fresh tensor-parallel model, fused and not
     for name, config in (("fused", {"qkv": True, "gate_up": True}), ("unfused", {})):
         fresh = splice.from_pretrained(AutoModelForCausalLM, source, fusion_config=config, tp_plan="auto")
+        if config:  # refused before the model is touched
+            out["fuse_lora_refused"] = _error(
+                lambda fresh=fresh: splice.peft.load_adapter(
+                    fresh, workdir / f"trained-{tag}", fuse_lora=True
+                )
+            )
         loaded = splice.peft.load_adapter(fresh, workdir / f"trained-{tag}")
         out[f"loaded_{name}_logits"] = _logits(loaded, ids)
 
     # a trainable load continues training like the one-process model does
     fresh = splice.from_pretrained(AutoModelForCausalLM, source, fusion_config=fusion, tp_plan="auto")
     resumed = splice.peft.load_adapter(fresh, workdir / f"init-{tag}", is_trainable=True)
-    out["resumed_losses"] = train(resumed, ids, opt, steps)
+    out["resumed_losses"] = train(resumed, ids, opt, steps, clipping)
     splice.peft.save_adapter(resumed, workdir / f"resumed-{tag}")
 
     if world == 4 and fusion:

@@ -40,6 +40,7 @@ from splice.transforms import Op, TensorMeta, apply_ops, infer_ops, invert_ops
 
 __all__ = [
     "LoraSharding",
+    "clip_grad_norm_",
     "TensorParallelLora",
     "gather_lora",
     "lay_out",
@@ -203,7 +204,70 @@ def shard_factors(sharding: LoraSharding, lora_A: nn.Linear, lora_B: nn.Linear) 
         weight = lora_B.weight
         group = sharding.groups.get(sharding.blocks, sharding.replicas)
         lora_B.__dict__["sum_replicas"] = _summing([(0, weight.to_local().shape[0], group)], weight)
+        lora_B.__dict__["replicas"] = sharding.replicas
         lora_B.__class__ = ReplicaRowsLinear
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm) over a tensor-parallel model's trainable parameters,
+    counting each replicated kv row of a LoRA ``B`` once: the norm, and the clipping, of one process.
+
+    torch's own function sees DTensors whose global shape holds every replica, so it counts a
+    replicated kv head once per copy. Collective over the tensor-parallel ranks; returns the total norm.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    parallel = model.__dict__.get(STATE_ATTR)
+    if parallel is None:
+        raise SpliceError(f"{type(model).__name__} was not loaded tensor-parallel by splice")
+    replicated_bases = {
+        id(parallel_module.weight)
+        for group in parallel.layout.groups
+        if any(part.replicas > 1 for part in group.parts)
+        for parallel_module in _group_linears(model, group)
+    }
+    copies = {
+        id(m.weight): m.__dict__["replicas"] for m in model.modules() if isinstance(m, ReplicaRowsLinear)
+    }
+    sharded = torch.zeros((), dtype=torch.float64)
+    whole = torch.zeros((), dtype=torch.float64)
+    grads = []
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        if id(param) in replicated_bases:
+            raise SpliceError(
+                f"{name} holds replicated kv heads and is trainable; clip_grad_norm_ counts replicas only for LoRA factors"
+            )
+        grad = param.grad
+        if isinstance(grad, DTensor) and grad.placements != param.placements:
+            grad = param.grad = grad.redistribute(placements=param.placements)
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        square = local.double().square().sum()
+        if isinstance(grad, DTensor) and any(isinstance(p, Shard) for p in grad.placements):
+            sharded += square / copies.get(id(param), 1)
+        else:
+            whole += square
+        grads.append(grad)
+    dist.all_reduce(sharded, group=parallel.mesh.get_group())
+    norm = (sharded + whole).sqrt().float()
+    coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for grad in grads:
+        grad.mul_(coefficient.item())
+    return norm
+
+
+def _group_linears(model: nn.Module, group: Any) -> list[nn.Module]:
+    parent = model.get_submodule(group.path)
+    if group.fused_name is not None:
+        return [_unwrap(parent._modules[group.fused_name])]
+    return [_unwrap(parent._modules[part.part.name]) for part in group.parts]
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
 
 
 class ReplicaRowsLinear(nn.Linear):
