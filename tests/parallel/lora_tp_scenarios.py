@@ -91,7 +91,7 @@ def splice_clip(peft_model, max_norm: float) -> torch.Tensor:
     """splice's clipping for TP models, which counts replicated kv rows once (torch's counts every copy)."""
     from splice.parallel import clip_grad_norm_
 
-    return clip_grad_norm_(peft_model.base_model.model, max_norm)
+    return clip_grad_norm_(peft_model, max_norm)  # the PeftModel: it finds the TP model inside
 
 
 # --------------------------------------------------------------------------------------------------

@@ -177,8 +177,8 @@ def shard_factors(sharding: LoraSharding, lora_A: nn.Linear, lora_B: nn.Linear) 
     """Turn one LoRA's plain factors (original shapes) into DTensors and give their Linears TP styles.
 
     The cut factor's Linear gets the base's parallel style; the replicated one computes on local
-    tensors. Each parameter keeps its ``requires_grad``. Replicated kv rows of ``B`` get the gradient
-    hook that sums them over their replicas.
+    tensors. Each parameter keeps its ``requires_grad``. A ``B`` whose rows are a replicated kv head
+    becomes a `ReplicaRowsLinear`, whose backward sums their gradient over the replicas.
     """
     from torch.distributed.tensor import distribute_module
     from torch.distributed.tensor.parallel import parallelize_module
@@ -217,14 +217,18 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     """
     from torch.distributed.tensor import DTensor, Shard
 
-    parallel = model.__dict__.get(STATE_ATTR)
-    if parallel is None:
-        raise SpliceError(f"{type(model).__name__} was not loaded tensor-parallel by splice")
+    # the model splice loaded, or a wrapper around it (a PeftModel): the top-most module holding the TP state
+    tp_model = next((m for m in model.modules() if STATE_ATTR in m.__dict__), None)
+    if tp_model is None:
+        raise SpliceError(
+            f"{type(model).__name__} was not loaded tensor-parallel by splice (nor does it wrap one)"
+        )
+    parallel = tp_model.__dict__[STATE_ATTR]
     replicated_bases = {
         id(parallel_module.weight)
         for group in parallel.layout.groups
         if any(part.replicas > 1 for part in group.parts)
-        for parallel_module in _group_linears(model, group)
+        for parallel_module in _group_linears(tp_model, group)
     }
     copies = {
         id(m.weight): m.__dict__["replicas"] for m in model.modules() if isinstance(m, ReplicaRowsLinear)
