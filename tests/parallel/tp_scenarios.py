@@ -85,16 +85,6 @@ def llama(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tenso
         out["logits"] = model(ids).logits
     out["generated"] = model.generate(ids[:1], max_new_tokens=10, do_sample=False, min_new_tokens=10)
 
-    import peft
-
-    from splice.errors import SpliceError
-
-    try:
-        splice.peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
-        out["lora_refused"] = None
-    except SpliceError as exc:
-        out["lora_refused"] = str(exc)
-
     model.train()
     loss = model(ids, labels=ids).loss
     loss.backward()

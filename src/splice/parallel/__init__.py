@@ -15,6 +15,8 @@
 - `splice.parallel.shards` / `splice.parallel.consolidate`: per-rank files and rebuilding the original
   (``splice.parallel.consolidate.consolidate(shards_dir, out_dir)``, or ``splice consolidate``).
 - `splice.parallel.lora`: LoRA adapters trained under TP, back to vanilla PEFT tensors.
+- `splice.parallel.lora_sharding`: the DTensor factors of LoRA layers on sharded Linears (`splice.peft`
+  uses it), and ``clip_grad_norm_`` that counts replicated kv rows once.
 - `splice.parallel.view`: ``splice.original_state_dict`` of a sharded model (FSDP2, TP, both): DTensors in
   the original layout over this rank's rows, aliasing the fused parameters, for torch.distributed.checkpoint.
 - `splice.parallel.fsdp`: ``splice.save_pretrained`` under FSDP2 (collective; rank 0 writes).
@@ -29,6 +31,7 @@ import importlib
 from typing import Any
 
 _LAZY = {
+    "clip_grad_norm_": "splice.parallel.lora_sharding",
     "from_pretrained_tp": "splice.parallel.load",
     "save_shards": "splice.parallel.shards",
     "gather_state_dict": "splice.parallel.state",

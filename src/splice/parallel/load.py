@@ -380,7 +380,7 @@ def sync_replicated_grads(model: nn.Module, layout: TPLayout, mesh) -> list[Any]
         for _, part in replicated:
             key = (part.blocks, part.replicas)
             if key not in groups:
-                groups[key] = _replica_group(mesh, part.blocks, part.replicas)
+                groups[key] = replica_group(mesh, part.blocks, part.replicas)
         if group.fused_name is not None:
             sizes = group.local_sizes
             starts = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -393,11 +393,11 @@ def sync_replicated_grads(model: nn.Module, layout: TPLayout, mesh) -> list[Any]
         for linear, rows in zip(targets, row_sets):
             for param in (linear.weight, linear.bias):
                 if param is not None and param.requires_grad:
-                    handles.append(param.register_hook(_summing(rows, param)))
+                    handles.append(param.register_hook(summing(rows, param)))
     return handles
 
 
-def _replica_group(mesh, blocks: int, times: int):
+def replica_group(mesh, blocks: int, times: int):
     from torch.distributed.device_mesh import init_device_mesh
 
     world = dist.get_world_size()
@@ -410,7 +410,7 @@ def _replica_group(mesh, blocks: int, times: int):
     return grid["replica"].get_group()
 
 
-def _summing(rows: list[tuple[int, int, Any]], param: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def summing(rows: list[tuple[int, int, Any]], param: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     def hook(grad: torch.Tensor) -> torch.Tensor:
         from torch.distributed.tensor import DTensor
 

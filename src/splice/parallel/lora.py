@@ -43,7 +43,7 @@ def lora_rules(
     rules: list[Rule] = []
     dims: dict[str, int] = {}
     for module in modules:
-        kind, ops = _base(layout, module)
+        kind, ops = base_of(layout, module)
         if kind == "column":
             cut = key(module, "lora_B")
             dims[cut] = 0
@@ -110,7 +110,7 @@ def consolidate_lora(
     return wm.to_original(tp_global)
 
 
-def _base(layout: TPLayout, module: str) -> tuple[str | None, tuple[Op, ...]]:
+def base_of(layout: TPLayout, module: str) -> tuple[str | None, tuple[Op, ...]]:
     """``("column" | "row" | None, the base weight's layout ops)`` for an original module path."""
     for group in layout.groups:
         for part in group.parts:

@@ -33,7 +33,7 @@ from splice.peft.config import (
     translate_modules_to_save,
 )
 from splice.peft.errors import AdapterError
-from splice.peft.layer import refuse_bypassing_kernels, refuse_sharded
+from splice.peft.layer import refuse_bypassing_kernels
 from splice.peft.lora_map import (
     Block,
     LoraMap,
@@ -66,9 +66,12 @@ def get_peft_model(
     """
     import peft
 
-    refuse_sharded(model)
+    from splice.peft import tensor_parallel
+
+    tensor_parallel.refuse_unsupported_sharding(model)
     config = adapt_peft_config(model, lora_config)
     refuse_bypassing_kernels(base_model(model), config)
+    tensor_parallel.prepare(model, config)
     if isinstance(model, peft.PeftModel):
         type(model).add_adapter(model, adapter_name, config, **kwargs)
         return model
@@ -99,9 +102,12 @@ class _OriginalNames:
 def _add_adapter(self: Any, adapter_name: str, peft_config: Any, *args: Any, **kwargs: Any) -> None:
     from peft import LoraConfig
 
+    from splice.peft import tensor_parallel
+
     if isinstance(peft_config, LoraConfig):
         peft_config = adapt_peft_config(self, peft_config)
         refuse_bypassing_kernels(base_model(self), peft_config)
+        tensor_parallel.prepare(self, peft_config)
     return type(self).add_adapter(self, adapter_name, peft_config, *args, **kwargs)
 
 
@@ -145,6 +151,8 @@ def save_adapter(
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
 
+    from splice.peft import tensor_parallel
+
     if not isinstance(peft_model, PeftModel):
         raise AdapterError(f"save_adapter takes a PeftModel, got {type(peft_model).__name__}")
     book = AddressBook.of(peft_model)
@@ -159,6 +167,7 @@ def save_adapter(
         specs = _layer_specs(book, adapter)
         lora_map = map_to_original(book, specs, blocks_of(peft_model, adapter))
         state = get_peft_model_state_dict(peft_model, adapter_name=adapter)
+        state = tensor_parallel.gather(peft_model, state)  # collective under TP
         tensors, cols = _original_tensors(state, lora_map, book)
         metadata = describe_stacks(lora_map, book, specs, cols)
         original = original_config(config, lora_map, book)
@@ -172,7 +181,7 @@ def save_adapter(
             cls = type(book.model)
             auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
         out = Path(save_directory) if adapter == "default" else Path(save_directory) / adapter
-        _write(out, original, tensors, metadata, auto_mapping)
+        tensor_parallel.write_once(peft_model, _write, out, original, tensors, metadata, auto_mapping)
 
 
 def _layer_specs(book: AddressBook, adapter: str) -> dict[str, LoraSpec]:
@@ -291,12 +300,14 @@ def load_adapter(
     import peft
     from peft.utils import set_peft_model_state_dict
 
+    from splice.peft import tensor_parallel
+
     if fuse_lora and is_trainable:
         raise AdapterError(
             "fuse_lora=True builds block-diagonal LoRAs for inference; training them would let the zero blocks "
             "learn (k would change where the adapter only targets q and v). Load with fuse_lora=False to train"
         )
-    refuse_sharded(model)
+    tensor_parallel.refuse_unsupported_sharding(model)
     config = peft.PeftConfig.from_pretrained(str(adapter_dir))
     _check_lora(config)
     state, metadata = _read(Path(adapter_dir))
@@ -320,6 +331,7 @@ def load_adapter(
         keep_default=True,
     )
     mark_runtime(runtime_config)
+    tensor_parallel.prepare(model, runtime_config)
     runtime_config.inference_mode = not is_trainable
     if runtime_config.fan_in_fan_out and not any(
         type(book.by_runtime[p].module).__name__ == "Conv1D" for p in lora_map
@@ -341,6 +353,7 @@ def load_adapter(
         refuse_bypassing_kernels(model, runtime_config)
         peft_model = peft.get_peft_model(model, runtime_config, adapter_name=adapter_name)
         _install(peft_model)
+    tensors = tensor_parallel.lay_out(peft_model, tensors)  # under TP: this rank's DTensors
     result = set_peft_model_state_dict(peft_model, tensors, adapter_name=adapter_name)
     missing = [k for k in result.missing_keys if f".{adapter_name}" in k and "lora_" in k]
     if result.unexpected_keys or missing:
