@@ -27,6 +27,8 @@ from torch import nn
 from splice.checkpoint import CheckpointReader
 from splice.errors import LoadError, WeightMapError
 from splice.hf import load_step, prepare, remember_source, set_tensor
+from splice.parallel.block_reads import block_reads, fill_blocks
+from splice.parallel.experts import expert_request, install, split_plan
 from splice.parallel.layout import chunk_bounds, local_reads
 from splice.parallel.plan import (
     COLUMN,
@@ -85,8 +87,12 @@ def from_pretrained_tp(
     )  # fmt: skip
     model = prepared.model
     num_parameters = sum(p.numel() for p in model.parameters())  # before sharding adds replicas and padding
-    styles = resolve_styles(model, {**model_plan(model), **overrides})
+    plan, experts = split_plan(
+        model, {**model_plan(model), **overrides}, expert_request(distributed_config), tp
+    )
+    styles = resolve_styles(model, plan)
     layout = build_layout(model, styles, tp)
+    layout.rules, layout.dims = layout.rules.then(experts.rules(tp)), {**layout.dims, **experts.dims()}
     device = torch.device(mesh.device_type) if mesh.device_type == "cpu" else _local_device(mesh)
 
     with CheckpointReader(prepared.path) as reader:
@@ -117,6 +123,7 @@ def from_pretrained_tp(
     model = prepared.finish()
     localize(model, layout)
     parallelize(model, mesh, styles)
+    install(model, experts, mesh)
     replica_hooks = sync_replicated_grads(model, layout, mesh)
     state = ParallelState(
         mesh=mesh,
@@ -146,7 +153,7 @@ def _request(tp_plan: Any, distributed_config: Any, tp_size: int | None) -> tupl
         get = distributed_config.get if isinstance(distributed_config, dict) else (
             lambda name, default=None: getattr(distributed_config, name, default)
         )  # fmt: skip
-        for name in ("fsdp_size", "pp_size", "ep_size", "dp_replicate_size"):
+        for name in ("fsdp_size", "pp_size", "dp_replicate_size"):  # ep_size: splice.parallel.experts
             if (get(name) or 1) != 1:
                 raise LoadError(
                     f"distributed_config.{name}={get(name)}: splice's loader does tensor parallelism only"
@@ -254,7 +261,14 @@ def _load_local(
         if dim is not None:
             bounds = chunk_bounds(meta.shape[dim], tp)[rank]
             reads = local_reads(step, target, dim, bounds)
-        if reads is not None:
+        blocks = block_reads(step, target, dim, bounds) if reads is None and dim is not None else None
+        if blocks is not None:  # boxes of several dims (MoE experts: stacked, then cut along dim 1 or 0)
+            shape = list(meta.shape)
+            shape[dim] = bounds[1] - bounds[0]
+            local = torch.zeros(shape, dtype=dtype)  # what no block covers is padding
+            fill_blocks(reader, blocks, local)
+            out.append((target, local))
+        elif reads is not None:
             shape = list(meta.shape)
             shape[dim] = bounds[1] - bounds[0]
             if _one_mappable_read(reader, reads, dim, shape, dtype):
