@@ -38,23 +38,49 @@ def _error(function) -> str | None:
     return None
 
 
-def moe(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tensor, name: str, ep: bool) -> dict:
-    """Load fused (qkv) and sharded, run forward, generate and backward, gather, save both ways."""
+def moe(
+    rank: int,
+    world: int,
+    workdir: Path,
+    *,
+    source: str,
+    ids: torch.Tensor,
+    name: str,
+    ep: bool,
+    refuse: str | None,
+    options: dict[str, Any],
+) -> dict:
+    """Load fused (qkv) and sharded, run forward, generate and backward, gather, save both ways.
+
+    ``ep``: expert parallel (``DistributedConfig(tp_size=world, ep_size=world)``), else the model's TP plan.
+    ``refuse``: a checkpoint whose experts do not divide by ``world``, to collect the refusals.
+    """
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, DistributedConfig
 
     import splice
     from splice.parallel import gather_state_dict, get_parallel_state, save_shards
 
-    fusion = {"qkv": True}
+    def load(path: str, **request: Any):
+        return splice.from_pretrained(
+            AutoModelForCausalLM, path, fusion_config={"qkv": True}, **options, **request
+        )
+
+    out: dict[str, Any] = {}
+    if refuse is not None:
+        out["indivisible"] = _error(
+            lambda: load(refuse, distributed_config=DistributedConfig(tp_size=world, ep_size=world))
+        )
+        out["ep_size"] = _error(
+            lambda: load(refuse, distributed_config={"tp_size": world, "ep_size": 2 * world})
+        )
     if ep:
-        request = {"distributed_config": DistributedConfig(tp_size=world, ep_size=world)}
+        model = load(source, distributed_config=DistributedConfig(tp_size=world, ep_size=world))
     else:
-        request = {"tp_plan": "auto"}
-    model = splice.from_pretrained(AutoModelForCausalLM, source, fusion_config=fusion, **request)
+        model = load(source, tp_plan="auto")
     parallel = get_parallel_state(model)
     experts = model.model.layers[0].mlp.experts
-    out: dict[str, Any] = {
+    out |= {
         "gate_up": tuple(experts.gate_up_proj.to_local().shape),
         "down": tuple(experts.down_proj.to_local().shape),
         "gate_up_local": experts.gate_up_proj.to_local().clone(),
@@ -78,21 +104,4 @@ def moe(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tensor,
     return out
 
 
-def refused(rank: int, world: int, workdir: Path, *, source: str) -> dict:
-    """Expert parallelism over ranks that do not divide the experts, and an ep_size splice does not run."""
-    from transformers import AutoModelForCausalLM, DistributedConfig
-
-    import splice
-
-    def load(**kwargs):
-        splice.from_pretrained(AutoModelForCausalLM, source, **kwargs)
-
-    return {
-        "indivisible": _error(
-            lambda: load(distributed_config=DistributedConfig(tp_size=world, ep_size=world))
-        ),
-        "ep_size": _error(lambda: load(distributed_config={"tp_size": world, "ep_size": 2 * world})),
-    }
-
-
-SCENARIOS = {"moe": moe, "refused": refused}
+SCENARIOS = {"moe": moe}

@@ -84,14 +84,16 @@ class ExpertPlan:
             gate_up, down = f"{ex.path}.{ex.gate_up}", f"{ex.path}.{ex.down}"
             size, cut = ex.intermediate, ex.padded
             ops: list[Op] = []
-            if cut != size:
-                # pad gate and up each: [E, 2I, H] -> [E, 2, I, H] -> pad dim 2 -> [E, 2I', H]
+            if (
+                cut != size
+            ):  # pad gate and up each: [E, 2I, H] -> [E, 2, I, H] -> [E, 2, I', H] -> [E, 2I', H]
+                e, h = ex.experts, ex.hidden
                 ops += [
-                    Reshape((ex.experts, 2, size, ex.hidden)),
-                    Pad(2, cut),
-                    Reshape((ex.experts, 2 * cut, ex.hidden)),
+                    Reshape((e, 2, size, h), (e, 2 * size, h)),
+                    Pad(2, cut, size),
+                    Reshape((e, 2 * cut, h), (e, 2, cut, h)),
                 ]
-                rules.append(Rule((down,), (down,), (Pad(2, cut),)))
+                rules.append(Rule((down,), (down,), (Pad(2, cut, size),)))
             ops.append(interleave([cut, cut], tp, dim=1))
             rules.append(Rule((gate_up,), (gate_up,), tuple(ops)))
         return WeightMap.of(rules)
