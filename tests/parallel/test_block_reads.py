@@ -18,8 +18,7 @@ from splice.parallel.layout import chunk_bounds, padded
 from splice.transforms import Reshape, Stack, TensorMeta, Transpose
 from splice.weightmap import Rule, WeightMap
 
-settings.register_profile("splice-block-reads", deadline=None, max_examples=15)
-settings.load_profile("splice-block-reads")
+FEW = settings(deadline=None, max_examples=15)
 
 GATE_UP, DOWN = "experts.gate_up_proj", "experts.down_proj"
 
@@ -70,6 +69,7 @@ def check(tensors, wm: WeightMap, dims: dict[str, int], ranks: int) -> None:
         assert [torch.equal(x, tensors[k]) for k, x in zip(step.sources, step.inverted().run([whole]))]
 
 
+@FEW
 @given(
     experts=st.integers(1, 5),
     size=st.integers(1, 9),
