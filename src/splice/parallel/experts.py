@@ -84,9 +84,8 @@ class ExpertPlan:
             gate_up, down = f"{ex.path}.{ex.gate_up}", f"{ex.path}.{ex.down}"
             size, cut = ex.intermediate, ex.padded
             ops: list[Op] = []
-            if (
-                cut != size
-            ):  # pad gate and up each: [E, 2I, H] -> [E, 2, I, H] -> [E, 2, I', H] -> [E, 2I', H]
+            if cut != size:
+                # gate and up padded each: [E, 2I, H] -> [E, 2, I, H] -> [E, 2, I', H] -> [E, 2I', H]
                 e, h = ex.experts, ex.hidden
                 ops += [
                     Reshape((e, 2, size, h), (e, 2 * size, h)),
@@ -105,9 +104,6 @@ class ExpertPlan:
             out[f"{ex.path}.{ex.down}"] = 2 if ex.mode == "tp" else 0
         return out
 
-    def describe(self) -> list[dict[str, Any]]:
-        return [dict(vars(ex)) for ex in self.experts]
-
 
 # --------------------------------------------------------------------------------------------------
 # the request
@@ -115,7 +111,7 @@ class ExpertPlan:
 
 @dataclass(frozen=True)
 class EPRequest:
-    size: int
+    size: int | None  # None: the tensor-parallel size (``enable_expert_parallel`` without ``ep_size``)
     plan: dict[str, str]
     implementation: str
 
@@ -129,13 +125,13 @@ def expert_request(distributed_config: Any) -> EPRequest | None:
     )  # fmt: skip
     size = get("ep_size")
     if size is None and get("enable_expert_parallel"):
-        size = get("tp_size")
-    if (size or 1) == 1:
+        size = get("tp_size") or 0  # transformers' deprecated spelling of ep_size=tp_size; 0: not given
+    elif (size or 1) == 1:
         return None
     plan = get("ep_plan") or {}
     if not isinstance(plan, dict):
         raise LoadError(f"distributed_config.ep_plan must be a dict of module pattern -> style, got {plan!r}")
-    return EPRequest(int(size), dict(plan), get("ep_implementation") or "auto")
+    return EPRequest(int(size) or None, dict(plan), get("ep_implementation") or "auto")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,14 +149,14 @@ def split_plan(
     plan = dict(plan)
     result = ExpertPlan()
     if ep is not None:
-        if ep.size != tp:
+        if ep.size not in (None, tp):
             raise LoadError(
                 f"ep_size={ep.size} with tp_size={tp}: splice runs expert parallelism over the tensor-parallel "
                 f"ranks, so ep_size must equal tp_size ({tp})"
             )
         ep_plan = {**dict(getattr(model, "ep_plan", None) or {}), **ep.plan}
         if not ep_plan:
-            raise LoadError(f"ep_size={ep.size} was requested, but {type(model).__name__} has no ep_plan")
+            raise LoadError(f"expert parallelism was requested, but {type(model).__name__} has no ep_plan")
         covered = re.compile(rf"(?:{'|'.join(map(re.escape, ep_plan))})(?:\..+)?").fullmatch
         plan = {k: v for k, v in plan.items() if not covered(k)} | ep_plan
         result.ep_implementation = ep.implementation
