@@ -97,6 +97,7 @@ def test_tensor_parallel_experts(experts, size, hidden, ranks):
         assert found == {}
 
 
+@FEW
 @given(
     experts=st.integers(1, 6),
     size=st.integers(1, 6),
