@@ -55,10 +55,6 @@ class Block:
     source_index: tuple[slice, ...]
     at: tuple[slice, ...]
 
-    @property
-    def numel(self) -> int:
-        return math.prod(s.stop - s.start for s in self.at)
-
 
 def block_reads(step: Step, target: str, dim: int, bounds: tuple[int, int]) -> list[Block] | None:
     """The boxes that fill ``bounds`` along ``dim`` of ``target``; positions no box covers are padding (zeros).
