@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -50,12 +51,32 @@ def test_markdown_examples_run(path, tmp_path, monkeypatch):
                 ) from exc
             continue
         for command in (ln[2:] for ln in code.splitlines() if ln.startswith("$ ")):
-            result = subprocess.run(
-                ["bash", "-c", command], env=env, capture_output=True, text=True, timeout=600
-            )
+            result = _run(command, env)
+            if result.returncode != 0 and _rank_aborted(command, result):
+                message = f"{where}: a rank of `{command}` died of SIGABRT (pytorch#190489?); ran it again:\n"
+                warnings.warn(message + result.stderr, stacklevel=2)
+                result = _run(command, env)
             assert result.returncode == 0, (
-                f"{where}: `{command}` exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+                f"{where}: `{command}` exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
             )
+
+
+def _run(command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    # faulthandler prints every thread's stack if a rank dies of a signal, so a failure says where
+    env = {**env, "PYTHONFAULTHANDLER": "1"}
+    return subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=600)
+
+
+def _rank_aborted(command: str, result: subprocess.CompletedProcess) -> bool:
+    """A torchrun rank killed by SIGABRT: retried once, with a warning carrying the whole stderr.
+
+    With DTensor, ``destroy_process_group()`` leaves gloo's threads alive (DeviceMesh and DTensor caches hold
+    the group); a worker thread still holding an AsyncWork whose tensors have Python references takes the GIL
+    while Python finalizes, and the process aborts with "terminate called without an active exception"
+    (pytorch/pytorch#190489, and the abandoned atexit fix pytorch/pytorch#179291). It is rare (one CI run in several; 44 local
+    runs clean) and not splice's to fix; any other failure, or a second abort, fails the test.
+    """
+    return command.startswith("torchrun") and "Signal 6 (SIGABRT)" in result.stderr
 
 
 @pytest.mark.parametrize("module", DOCTEST_MODULES)
