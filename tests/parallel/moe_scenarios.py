@@ -88,6 +88,14 @@ def moe(
         "num_experts": experts.num_experts,
         "bytes": {"sharded": parallel.sharded_bytes_read, "replicated": parallel.replicated_bytes_read},
     }
+    # the original layout as views of this rank's pieces (per-expert boxes), written by DCP's HF writer
+    import torch.distributed.checkpoint as dcp
+
+    view = splice.original_state_dict(model)
+    writer = dcp.HuggingFaceStorageWriter(
+        str(workdir / f"dcp-{name}"), save_distributed=True, enable_consolidation=True
+    )
+    dcp.save(view, storage_writer=writer)
     with torch.no_grad():
         out["logits"] = model(ids).logits
     out["generated"] = model.generate(ids[:1], max_new_tokens=6, do_sample=False, min_new_tokens=6)

@@ -90,6 +90,11 @@ def run(workdir, name: str, kind: str, world: int, *, ep: bool, refuse=None, opt
     assert sum(out["bytes"]["sharded"] for out in ranks) == sharded + kv
     assert all(out["bytes"]["replicated"] == whole for out in ranks)
 
+    # splice.original_state_dict: per-expert views of the ranks' pieces, which DCP's HF writer writes whole
+    written = load_state_dict(workdir / f"dcp-{name}")
+    assert sorted(written) == sorted(checkpoint)
+    assert [k for k, v in checkpoint.items() if not torch.equal(written[k], v)] == []
+
     # save_pretrained under TP/EP, and splice consolidate offline from the shards: the source, byte for byte
     assert same_files(source, workdir / f"saved-{name}") == ["model.safetensors"]
     result = consolidate_offline(workdir / f"shards-{name}", workdir / f"consolidated-{name}")
