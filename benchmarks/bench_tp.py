@@ -1,6 +1,7 @@
 """Tensor-parallel loading (tp=2, gloo on CPU): against transformers' own TP, and against one process.
 
     .venv/bin/python benchmarks/bench_tp.py [--workdir ./bench-out] [--tp 2] [--repeats 3] [--compare-only]
+    .venv/bin/python benchmarks/bench_tp.py [--workdir ./bench-out] [--tp 2] --model mixtral [--ep]
 
 On the ~340M-parameter float32 Llama checkpoint of ``_common.llama_checkpoint`` (3 shards, 1.34 GB).
 
@@ -32,6 +33,11 @@ Reported per process: peak RSS after loading and after a first forward (batch 1,
 single-process loader memory-maps the tensors it only renames, so its pages arrive on first use),
 both absolute and above the process's own baseline (interpreter + imports + process group), and the
 checkpoint bytes each rank read. Targets: per-rank RSS <= 0.6x single; bytes read per rank ~= 1/tp.
+
+``--model mixtral`` does the same on a ~230M-parameter float32 Mixtral checkpoint (8 experts per layer,
+one tensor per expert on disk, as on the Hub), fused ``qkv``: its experts are sharded the way
+transformers' plan says (each rank reads its rows of every expert); add ``--ep`` for expert
+parallelism (``DistributedConfig(ep_size=tp)``: each rank reads its own experts whole).
 
 Then ``splice consolidate`` of the ranks' shards (written by ``splice.parallel.save_shards``) is timed
 against a plain byte copy of the same checkpoint (``shutil.copyfile`` per file), both from a warm page
@@ -67,7 +73,49 @@ import splice.parallel.consolidate  # noqa: E402
 import splice.parallel.load  # noqa: E402, F401
 import splice.parallel.shards  # noqa: E402, F401
 
-FUSION = {"qkv": True, "gate_up": True}
+FUSIONS = {"llama": {"qkv": True, "gate_up": True}, "mixtral": {"qkv": True}}
+MIXTRAL = dict(
+    hidden_size=1024, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8,
+    num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+)  # fmt: skip
+
+
+def mixtral_checkpoint(workdir: Path, seed: int = 0) -> Path:
+    """A float32 Mixtral checkpoint with one tensor per expert and projection (the Hub's names), written once."""
+    from splice.checkpoint import CheckpointWriter
+    from splice.transforms import TensorMeta
+
+    c = MIXTRAL
+    h, i = c["hidden_size"], c["intermediate_size"]
+    kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
+    shapes = {"model.embed_tokens.weight": (c["vocab_size"], h)}
+    for n in range(c["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        shapes |= {p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                   p + "block_sparse_moe.gate.weight": (c["num_local_experts"], h)}  # fmt: skip
+        for e in range(c["num_local_experts"]):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            shapes |= {q + "w1.weight": (i, h), q + "w2.weight": (h, i), q + "w3.weight": (i, h)}
+        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+    shapes |= {"model.norm.weight": (h,), "lm_head.weight": (c["vocab_size"], h)}
+    parameters = sum(torch.Size(s).numel() for s in shapes.values())
+    folder = workdir / f"mixtral-{parameters / 1e6:.0f}M-seed{seed}"
+    wanted = json.dumps({"config": c, "seed": seed})
+    if (folder / ".complete").is_file() and (folder / ".complete").read_text() == wanted:
+        return folder
+    metas = {name: TensorMeta(shape, torch.float32) for name, shape in shapes.items()}
+    generator = torch.Generator().manual_seed(seed)
+    config = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "torch_dtype": "float32", **c}
+    with CheckpointWriter(
+        folder, metas, max_shard_size="300MB", index_metadata={"total_parameters": parameters}
+    ) as writer:
+        for name, meta in metas.items():
+            writer.write(name, torch.randn(meta.shape, generator=generator).mul_(0.02))
+        (writer.staging_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (writer.staging_dir / ".complete").write_text(wanted)
+    return folder
+
 
 _RANK = """
 import json, resource, sys
@@ -93,19 +141,19 @@ def _forward(model) -> None:
         model(torch.arange(3, 35).unsqueeze(0))
 
 
-def single(path: str) -> dict:
+def single(path: str, model: str) -> dict:
     """Runs in a fresh process (``_common.measure``)."""
     baseline = _current_rss()
     started = time.perf_counter()
-    model = splice.from_pretrained(AutoModelForCausalLM, path, fusion_config=FUSION)
+    model = splice.from_pretrained(AutoModelForCausalLM, path, fusion_config=FUSIONS[model])
     seconds = time.perf_counter() - started
     loaded = _rss()
     _forward(model)
     return {"seconds": seconds, "baseline_rss": baseline, "loaded_rss": loaded, "forward_rss": _rss()}
 
 
-def tp_rank(path: str, shards: str) -> dict:
-    """One rank: load tensor-parallel, one forward, then write this rank's shard."""
+def tp_rank(path: str, shards: str, model: str, ep: str) -> dict:
+    """One rank: load tensor-parallel (``ep`` "1": experts expert-parallel), one forward, then write its shard."""
     import torch.distributed as dist
 
     from splice.parallel import get_parallel_state, save_shards
@@ -114,7 +162,12 @@ def tp_rank(path: str, shards: str) -> dict:
     baseline = _current_rss()
     dist.barrier()  # start every rank's clock together: the load's collectives would wait for a late starter
     started = time.perf_counter()
-    model = splice.from_pretrained(AutoModelForCausalLM, path, fusion_config=FUSION, tp_plan="auto")
+    if ep == "1":
+        world = dist.get_world_size()
+        request = {"distributed_config": {"tp_size": world, "ep_size": world}}
+    else:
+        request = {"tp_plan": "auto"}
+    model = splice.from_pretrained(AutoModelForCausalLM, path, fusion_config=FUSIONS[model], **request)
     seconds = time.perf_counter() - started
     loaded = _rss()
     _forward(model)
@@ -135,8 +188,8 @@ def tp_rank(path: str, shards: str) -> dict:
     }
 
 
-def run_tp(path: Path, shards: Path, tp: int) -> list[dict]:
-    return spawn_ranks("tp_rank", tp, str(path), str(shards))
+def run_tp(path: Path, shards: Path, tp: int, model: str = "llama", ep: bool = False) -> list[dict]:
+    return spawn_ranks("tp_rank", tp, str(path), str(shards), model, "1" if ep else "0")
 
 
 def spawn_ranks(function: str, tp: int, *args: str) -> list[dict]:
@@ -212,7 +265,9 @@ def compare_rank(variant: str, path: str) -> dict:
     if variant == "hf":
         model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto")
     else:
-        model = splice.from_pretrained(AutoModelForCausalLM, path, fusion_config=FUSION, tp_plan="auto")
+        model = splice.from_pretrained(
+            AutoModelForCausalLM, path, fusion_config=FUSIONS["llama"], tp_plan="auto"
+        )
     loaded, load_cpu = time.perf_counter(), _cpu() - cpu
     after_io = _proc_io()
     load_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
@@ -358,21 +413,35 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compare-only", action="store_true", help="only splice's TP vs transformers' TP")
+    parser.add_argument("--model", choices=sorted(FUSIONS), default="llama")
+    parser.add_argument("--ep", action="store_true", help="--model mixtral: experts expert-parallel")
     args = parser.parse_args()
+    if args.ep and args.model != "mixtral":
+        parser.error("--ep needs --model mixtral")
     workdir = Path(args.workdir).resolve()
-    shape = LlamaShape()
-    path = llama_checkpoint(workdir, shape)
+    if args.model == "mixtral":
+        path = mixtral_checkpoint(workdir)
+        parameters = json.loads((path / "model.safetensors.index.json").read_text())["metadata"][
+            "total_parameters"
+        ]
+    else:
+        shape = LlamaShape()
+        path, parameters = llama_checkpoint(workdir, shape), shape.parameters
     size = tree_size(path)
     files = sorted(p.name for p in path.glob("*.safetensors"))
-    print(f"checkpoint: {shape.parameters / 1e6:.0f}M parameters, fp32, {len(files)} shards, {human(size)}")
+    print(
+        f"{args.model} checkpoint: {parameters / 1e6:.0f}M parameters, fp32, {len(files)} shards, {human(size)}"
+    )
     warm_page_cache(path)
-    compare(path, args.tp, args.repeats)
+    if args.model == "llama":  # the side-by-side with transformers TP is the dense case
+        compare(path, args.tp, args.repeats)
     if args.compare_only:
         return
 
-    one = measure("bench_tp:single", path=str(path))
-    shards = workdir / f"tp{args.tp}-shards"
-    ranks = run_tp(path, shards, args.tp)
+    one = measure("bench_tp:single", path=str(path), model=args.model)
+    name = f"{args.model}-{'ep' if args.ep else 'tp'}{args.tp}"
+    shards = workdir / f"{name}-shards"
+    ranks = run_tp(path, shards, args.tp, args.model, args.ep)
     single_base = one.result["baseline_rss"]
     single_load, single_forward = one.result["loaded_rss"], one.result["forward_rss"]
 
@@ -394,7 +463,7 @@ def main() -> None:
         )
 
     warm_page_cache(shards)
-    out = workdir / f"tp{args.tp}-consolidated"
+    out = workdir / f"{name}-consolidated"
     copy = measure("bench_tp:copy_files", src=str(path), dst=str(workdir / "plain-copy"))
     rewrite = measure("bench_tp:read_write_files", src=str(path), dst=str(workdir / "plain-rewrite"))
     cons = measure("bench_tp:consolidate", shards=str(shards), out=str(out))

@@ -52,7 +52,6 @@ def test_request_reads_like_transformers(tp_plan, distributed_config, tp_size, e
         (None, {}, None, "asks for no tensor parallelism (tp_plan=None, tp_size=None)"),
         (None, DistributedConfig(tp_size=1), None, "asks for no tensor parallelism"),
         (None, {"tp_size": 2, "pp_size": 2}, None, "distributed_config.pp_size=2: splice's loader does"),
-        (None, {"tp_size": 2, "enable_expert_parallel": True}, None, "enable_expert_parallel"),
         ("auto", None, 0, "tp_size must be a positive int, got 0"),
         ("rowwise", None, None, 'tp_plan must be "auto" or a dict'),
     ],

@@ -88,6 +88,9 @@ def _rewrite(entry: OwnerPlan, records: list[Any]) -> dict[str, Any]:
     conflicts: set[str] = set()
     for key, style in entry.original.items():
         modules = entry.named[key]
+        if not modules:  # names a parameter (MoE experts.gate_up_proj), which no fusion moves: keep it
+            out[key] = style
+            continue
         now = [paths.get(id(m)) for m in modules]
         if modules and all(p is not None and (p == key or _generic(p) == key) for p in now):
             targets = [key]  # every module it named is still where the key says

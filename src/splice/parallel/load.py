@@ -30,6 +30,8 @@ from splice.loading.place import load_step, remember_source, set_tensor
 from splice.loading.prepared import Prepared
 from splice.loading.request import LoadRequest
 from splice.loading.strict import check_plan, needed_steps
+from splice.parallel.block_reads import block_reads, fill_blocks
+from splice.parallel.experts import expert_request, install, split_plan
 from splice.parallel.layout import chunk_bounds, local_reads
 from splice.parallel.sharding import (
     COLUMN,
@@ -69,8 +71,12 @@ def from_pretrained_tp(request: LoadRequest, prepare: Callable[[LoadRequest], Pr
     prepared = prepare(request)
     model = prepared.model
     num_parameters = sum(p.numel() for p in model.parameters())  # before sharding adds replicas and padding
-    styles = resolve_styles(model, {**model_plan(model), **overrides})
+    plan, experts = split_plan(
+        model, {**model_plan(model), **overrides}, expert_request(request.distributed_config), tp
+    )
+    styles = resolve_styles(model, plan)
     layout = build_layout(model, styles, tp)
+    layout.rules, layout.dims = layout.rules.then(experts.rules(tp)), {**layout.dims, **experts.dims()}
     device = torch.device(mesh.device_type) if mesh.device_type == "cpu" else _local_device(mesh)
 
     with CheckpointReader(prepared.path) as reader:
@@ -102,6 +108,7 @@ def from_pretrained_tp(request: LoadRequest, prepare: Callable[[LoadRequest], Pr
     model = prepared.finish()
     localize(model, layout)
     parallelize(model, mesh, styles)
+    install(model, experts, mesh)
     replica_hooks = sync_replicated_grads(model, layout, mesh)
     state = ParallelState(
         mesh=mesh,
@@ -141,15 +148,15 @@ def _request(tp_plan: Any, distributed_config: Any, tp_size: int | None) -> tupl
         get = distributed_config.get if isinstance(distributed_config, dict) else (
             lambda name, default=None: getattr(distributed_config, name, default)
         )  # fmt: skip
-        for name in ("fsdp_size", "pp_size", "ep_size", "dp_replicate_size"):
+        for name in (
+            "fsdp_size",
+            "pp_size",
+            "dp_replicate_size",
+        ):  # ep_size, enable_expert_parallel: parallel.experts
             if (get(name) or 1) != 1:
                 raise LoadError(
                     f"distributed_config.{name}={get(name)}: splice's loader does tensor parallelism only"
                 )
-        if get("enable_expert_parallel"):
-            raise LoadError(
-                "distributed_config.enable_expert_parallel: splice's loader does tensor parallelism only"
-            )
         tp_plan, tp_size = get("tp_plan"), get("tp_size")
         if tp_plan is None and tp_size is None or tp_size == 1:
             raise LoadError(
@@ -260,7 +267,14 @@ def _load_local(
         if dim is not None:
             bounds = chunk_bounds(meta.shape[dim], tp)[rank]
             reads = local_reads(step, target, dim, bounds)
-        if reads is not None:
+        blocks = block_reads(step, target, dim, bounds) if reads is None and dim is not None else None
+        if blocks is not None:  # boxes of several dims (MoE experts: stacked, then cut along dim 1 or 0)
+            shape = list(meta.shape)
+            shape[dim] = bounds[1] - bounds[0]
+            local = torch.zeros(shape, dtype=dtype)  # what no block covers is padding
+            fill_blocks(reader, blocks, local)
+            out.append((target, local))
+        elif reads is not None:
             shape = list(meta.shape)
             shape[dim] = bounds[1] - bounds[0]
             if _one_mappable_read(reader, reads, dim, shape, dtype):

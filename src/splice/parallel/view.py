@@ -28,6 +28,7 @@ from splice.checkpoint import DTYPE_OF_TAG
 from splice.errors import FusionError
 from splice.fusion.surgery import get_state, require_module
 from splice.fusion.surgery import original_state_dict as _plain_original_state_dict
+from splice.parallel.block_reads import block_reads
 from splice.parallel.layout import local_reads, traceable
 from splice.parallel.state import STATE_ATTR
 from splice.transforms import TensorMeta
@@ -116,6 +117,9 @@ def _rows(step: Any, key: str, tensor: torch.Tensor, where: str) -> list[tuple[s
     (chunk,) = tensor.__create_chunk_list__()
     offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
     dims = [d for d in range(len(sizes)) if traceable(step, d)]
+    boxes = None if dims else _boxes(step, key, tensor, offsets, sizes)
+    if boxes is not None:
+        return boxes
     if not dims:
         raise FusionError(
             f"{where}: its tensors are not row ranges of the fused ones, so a sharded original-layout view "
@@ -132,6 +136,26 @@ def _rows(step: Any, key: str, tensor: torch.Tensor, where: str) -> list[tuple[s
         )
         for r in reads
         if r.source is not None  # padding belongs to no original tensor
+    ]
+
+
+def _boxes(step: Any, key: str, tensor: Any, offsets: tuple, sizes: tuple) -> list[tuple] | None:
+    """MoE experts: this rank's boxes of per-expert tensors (`block_reads`), each a view of its local piece."""
+    cut = [d for d in range(len(sizes)) if sizes[d] != tensor.shape[d]]
+    if len(cut) != 1 or any(offsets[d] for d in range(len(sizes)) if d != cut[0]):
+        return None
+    [dim] = cut
+    blocks = block_reads(step, key, dim, (offsets[dim], offsets[dim] + sizes[dim]))
+    if blocks is None:
+        return None
+    local = tensor.to_local()
+    return [
+        (
+            b.source,
+            local[b.at].view([s.stop - s.start for s in b.source_index]),
+            tuple(s.start for s in b.source_index),
+        )
+        for b in blocks
     ]
 
 
