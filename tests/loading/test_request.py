@@ -51,11 +51,12 @@ def test_refused_keywords_are_named(kwargs, message):
     assert message in str(info.value)
 
 
-def test_a_tensor_parallel_request_takes_tp_size_and_device_mesh_and_a_plain_one_leaves_them_to_the_config():
+def test_a_tensor_parallel_request_takes_tp_size_and_device_mesh():
     tp = LoadRequest.of(Model, "d", tp_plan="auto", tp_size=2, device_mesh="mesh")
     assert tp.tensor_parallel and (tp.tp_size, tp.device_mesh) == (2, "mesh") and tp.options == {}
-    plain = LoadRequest.of(Model, "d", tp_size=2)
-    assert not plain.tensor_parallel and plain.options == {"tp_size": 2} and plain.tp_size is None
+    alone = LoadRequest.of(Model, "d", tp_size=2)  # as in transformers 5.23: the model's own plan on 2 ranks
+    assert alone.tensor_parallel and alone.tp_size == 2 and alone.tp_plan is None and alone.options == {}
+    assert not LoadRequest.of(Model, "d").tensor_parallel
     assert LoadRequest.of(Model, "d", distributed_config={"tp_size": 2}).tensor_parallel
 
 
