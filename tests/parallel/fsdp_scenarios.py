@@ -36,14 +36,6 @@ def spawn(scenario: str, world: int, workdir: Path, **options: Any) -> list[dict
     return ranks.spawn(sys.modules[__name__], scenario, world, workdir, **options)
 
 
-def _error(function) -> str | None:
-    try:
-        function()
-    except Exception as exc:  # the message is what the test checks
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def shard(model, mesh=None) -> None:
     """FSDP2 as torchtitan and accelerate apply it: one unit per decoder layer, one on the root."""
     from torch.distributed.fsdp import fully_shard
@@ -135,12 +127,12 @@ def fsdp(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tensor
     if rank == 0:
         splice.save_pretrained(model, workdir / "saved-full-state-dict", state_dict=full)
     dist.barrier()
-    out["rank_failed"] = _error(lambda: splice.save_pretrained(model, workdir / "blocker" / "out"))
+    out["rank_failed"] = ranks.error_of(lambda: splice.save_pretrained(model, workdir / "blocker" / "out"))
 
     # surgery on a sharded model is refused, naming the order that works
-    out["unfuse_refused"] = _error(lambda: splice.unfuse(model))
+    out["unfuse_refused"] = ranks.error_of(lambda: splice.unfuse(model))
     unfused = meta_model(source, fusion=None)
-    out["fuse_refused"] = _error(lambda: splice.fuse(unfused, FUSION))
+    out["fuse_refused"] = ranks.error_of(lambda: splice.fuse(unfused, FUSION))
     # norm_mlp moves the norm into the MLP: a rename, so the view passes its DTensors through
     out["norm_mlp_view"] = list(splice.original_state_dict(meta_model(source, fusion={"norm_mlp": True})))
 

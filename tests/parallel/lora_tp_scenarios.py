@@ -73,14 +73,6 @@ def train(model, ids: torch.Tensor, opt: str, steps: int, clip=None) -> list[tor
     return losses
 
 
-def _error(function) -> str | None:
-    try:
-        function()
-    except Exception as exc:  # the message is what the test checks
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
@@ -144,7 +136,7 @@ def lora(
     out["losses"] = train(peft_model, ids, opt, steps, clipping)
     out["logits"] = _logits(peft_model, ids)
     splice.peft.save_adapter(peft_model, workdir / f"trained-{tag}")
-    out["merge_refused"] = _error(lambda: peft_model.merge_adapter())
+    out["merge_refused"] = ranks.error_of(lambda: peft_model.merge_adapter())
     peft_model.add_adapter("second", lora_config())  # not active: made, sharded, and frozen
     second = attention.k_proj.lora_B["second"].weight
     out["second"] = (type(second).__name__, repr(second.placements[0]), second.requires_grad)
@@ -153,7 +145,7 @@ def lora(
     for name, config in (("fused", {"qkv": True, "gate_up": True}), ("unfused", {})):
         fresh = splice.from_pretrained(AutoModelForCausalLM, source, fusion_config=config, tp_plan="auto")
         if config:  # refused before the model is touched
-            out["fuse_lora_refused"] = _error(
+            out["fuse_lora_refused"] = ranks.error_of(
                 lambda fresh=fresh: splice.peft.load_adapter(
                     fresh, workdir / f"trained-{tag}", fuse_lora=True
                 )
@@ -174,13 +166,17 @@ def lora(
             kept = k_b.clone()
             if rank == 1:
                 k_b += 1.0
-            out["diverged"] = _error(lambda: splice.peft.save_adapter(peft_model, workdir / "diverged"))
+            out["diverged"] = ranks.error_of(
+                lambda: splice.peft.save_adapter(peft_model, workdir / "diverged")
+            )
             k_b.copy_(kept)
             gate_b = mlp.gate_proj.lora_B["default"].weight.data.to_local()
             if rank == world - 1:
                 gate_b[-1] = 1.0
-            out["dirty_padding"] = _error(lambda: splice.peft.save_adapter(peft_model, workdir / "dirty"))
-        out["embedding_refused"] = _error(
+            out["dirty_padding"] = ranks.error_of(
+                lambda: splice.peft.save_adapter(peft_model, workdir / "dirty")
+            )
+        out["embedding_refused"] = ranks.error_of(
             lambda: splice.peft.get_peft_model(
                 splice.from_pretrained(AutoModelForCausalLM, source, fusion_config=fusion, tp_plan="auto"),
                 __import__("peft").LoraConfig(r=2, target_modules=["embed_tokens"]),

@@ -26,18 +26,6 @@ def spawn(scenario: str, world: int, workdir: Path, **options: Any) -> list[dict
     return ranks.spawn(sys.modules[__name__], scenario, world, workdir, **options)
 
 
-def _copy(state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
-    return None if state_dict is None else {k: v.clone() for k, v in state_dict.items()}
-
-
-def _error(function) -> str | None:
-    try:
-        function()
-    except Exception as exc:  # the message is what the test checks
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def moe(
     rank: int,
     world: int,
@@ -68,10 +56,10 @@ def moe(
 
     out: dict[str, Any] = {}
     if refuse is not None:
-        out["indivisible"] = _error(
+        out["indivisible"] = ranks.error_of(
             lambda: load(refuse, distributed_config=DistributedConfig(tp_size=world, ep_size=world))
         )
-        out["ep_size"] = _error(
+        out["ep_size"] = ranks.error_of(
             lambda: load(refuse, distributed_config={"tp_size": world, "ep_size": 2 * world})
         )
     if ep:
@@ -103,8 +91,8 @@ def moe(
     loss = model(ids, labels=ids).loss
     loss.backward()
     out["loss"] = loss.detach()
-    out["grads"] = _copy(gather_state_dict(model, grads=True))
-    out["state_dict"] = _copy(gather_state_dict(model))
+    out["grads"] = ranks.copy_state(gather_state_dict(model, grads=True))
+    out["state_dict"] = ranks.copy_state(gather_state_dict(model))
     splice.save_pretrained(model, workdir / f"saved-{name}")
     dist.barrier()
     save_shards(model, workdir / f"shards-{name}")

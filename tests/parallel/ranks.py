@@ -56,3 +56,17 @@ def _main(
         raise
     finally:
         dist.destroy_process_group()
+
+
+def copy_state(state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """A rank's state dict, cloned so it outlives the model (and its mapped files) for the parent to read."""
+    return None if state_dict is None else {k: v.clone() for k, v in state_dict.items()}
+
+
+def error_of(function) -> str | None:
+    """The error ``function()`` raises, as ``Type: message`` (what a refusal test checks), or None."""
+    try:
+        function()
+    except Exception as exc:  # the message is what the test checks
+        return f"{type(exc).__name__}: {exc}"
+    return None

@@ -39,14 +39,6 @@ def greedy(model, ids: torch.Tensor, **options: Any) -> torch.Tensor:
     )
 
 
-def _error(function) -> str | None:
-    try:
-        function()
-    except Exception as exc:  # the message is what the test checks
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def requests(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tensor) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import AutoModelForCausalLM, DistributedConfig
@@ -90,7 +82,7 @@ def requests(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Te
         with torch.no_grad():
             out["logits"][name] = model(ids).logits
     for name, request in refused.items():
-        out["errors"][name] = _error(lambda request=request: load(**request))
+        out["errors"][name] = ranks.error_of(lambda request=request: load(**request))
 
     # greedy generation with a static KV cache: the cache holds this rank's kv heads (replicas included)
     model = load(distributed_config=DistributedConfig(tp_size=world))

@@ -30,18 +30,6 @@ def spawn(scenario: str, world: int, workdir: Path, **options: Any) -> list[dict
     return ranks.spawn(sys.modules[__name__], scenario, world, workdir, **options)
 
 
-def _copy(state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
-    return None if state_dict is None else {k: v.clone() for k, v in state_dict.items()}
-
-
-def _error(function) -> str | None:
-    try:
-        function()
-    except Exception as exc:  # the message is what the test checks
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 # --------------------------------------------------------------------------------------------------
 # scenarios
 
@@ -89,11 +77,11 @@ def llama(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tenso
     loss = model(ids, labels=ids).loss
     loss.backward()
     out["loss"] = loss.detach()
-    out["grads"] = _copy(
+    out["grads"] = ranks.copy_state(
         gather_state_dict(model, grads=True)
     )  # gathered tensors may share memory with the model
-    out["state_dict"] = _copy(gather_state_dict(model))
-    out["runtime_state_dict"] = _copy(gather_state_dict(model, original=False))
+    out["state_dict"] = ranks.copy_state(gather_state_dict(model))
+    out["runtime_state_dict"] = ranks.copy_state(gather_state_dict(model, original=False))
     splice.save_pretrained(model, workdir / f"saved-{world}")
     dist.barrier()
     save_shards(model, workdir / f"shards-{world}")
@@ -130,16 +118,16 @@ def llama(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tenso
             kept = local[k_start].clone()
             if rank == 1:
                 local[k_start] += 1.0
-            out["diverged"] = _error(lambda: gather_state_dict(model))
+            out["diverged"] = ranks.error_of(lambda: gather_state_dict(model))
             # save_pretrained: rank 0 refuses, and every other rank raises too instead of returning
-            out["diverged_save"] = _error(
+            out["diverged_save"] = ranks.error_of(
                 lambda: splice.save_pretrained(model, workdir / f"diverged-{world}")
             )
             local[k_start] = kept
             gate_up = mlp.gate_up_proj.weight.data.to_local()
             if rank == world - 1:
                 gate_up[-1] = 1.0
-            out["dirty_padding"] = _error(lambda: gather_state_dict(model))
+            out["dirty_padding"] = ranks.error_of(lambda: gather_state_dict(model))
     return out
 
 
@@ -164,7 +152,7 @@ def variants(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Te
     out["generated"] = model.generate(ids[:1], max_new_tokens=10, do_sample=False, min_new_tokens=10)
     model.train()
     model(ids, labels=ids).loss.backward()
-    out["grads"] = _copy(gather_state_dict(model, grads=True))
+    out["grads"] = ranks.copy_state(gather_state_dict(model, grads=True))
     grid = splice.from_pretrained(
         AutoModelForCausalLM, source, fusion_config=["qkv"], tp_plan="auto", tp_size=2
     )

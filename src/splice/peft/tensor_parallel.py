@@ -22,7 +22,7 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
-from splice.fusion.linear import LinearSlice
+from splice.fusion.contract import LinearStandIn
 from splice.parallel.lora_sharding import (
     TensorParallelLora,
     gather_lora,
@@ -75,7 +75,7 @@ def prepare(model: nn.Module, config: Any) -> None:
         while hasattr(base, "base_layer"):  # a LoRA layer PEFT already put there
             base = base.base_layer
         base.__dict__[SHARDING_ATTR] = sharding
-    config._register_custom_module({LinearSlice: ShardedVirtualLora, nn.Linear: ShardedLinearLora})
+    config._register_custom_module({LinearStandIn: ShardedVirtualLora, nn.Linear: ShardedLinearLora})
 
 
 def gather(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
