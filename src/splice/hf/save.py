@@ -132,10 +132,33 @@ def _checkpoint_layout(model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    sd = dict(state_dict)
+    sd = _contiguous_views(state_dict)
     sd = remove_tied_weights_from_state_dict(sd, model)
     sd = revert_weight_conversion(model, sd)
     return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def _contiguous_views(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with non-contiguous tensors (the rows of a column-major fused weight) made contiguous.
+
+    Transformers' tied-weight check reads a tensor's end as ``view(-1)[-1]``, which such views cannot
+    give. The same view (a tied weight) becomes the same copy, so the tie is still found.
+    """
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for key, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta" and not tensor.is_contiguous():
+            view = (
+                tensor.untyped_storage().data_ptr(),
+                tensor.storage_offset(),
+                tensor.shape,
+                tensor.stride(),
+            )
+            if view not in copies:
+                copies[view] = tensor.detach().contiguous()
+            tensor = copies[view]
+        out[key] = tensor
+    return out
 
 
 def _carry_over(out: Path, staging: Path) -> None:
