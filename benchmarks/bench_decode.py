@@ -105,11 +105,11 @@ def report(
         spread = max(seconds) / best - 1
         if higher_is_better:
             line = (
-                f"  {name:22s} {work / best:9.1f} {unit} (median {work / median:.1f}, spread {spread:4.0%})"
+                f"  {name:26s} {work / best:9.1f} {unit} (median {work / median:.1f}, spread {spread:4.0%})"
             )
         else:
             line = (
-                f"  {name:22s} {best * 1e3:9.1f} ms/{unit} (median {median * 1e3:.1f}, spread {spread:4.0%})"
+                f"  {name:26s} {best * 1e3:9.1f} ms/{unit} (median {median * 1e3:.1f}, spread {spread:4.0%})"
             )
         if base is not None:
             line += f"  {base / best:5.2f}x unfused"
@@ -204,7 +204,7 @@ def main() -> None:
         same = "same tokens" if tokens[name] == tokens["unfused"] else "DIFFERENT TOKENS"
         n_ops, n_gemm, n_calls = ops[name]
         print(
-            f"  {name:22s} {n_ops:5d} aten ops/step ({n_ops / ops['unfused'][0]:.2f}x), {n_gemm} GEMMs, "
+            f"  {name:26s} {n_ops:5d} aten ops/step ({n_ops / ops['unfused'][0]:.2f}x), {n_gemm} GEMMs, "
             f"{n_calls} Python calls/step ({n_calls / ops['unfused'][2]:.2f}x), {same}"
         )
     if device == "cpu":
