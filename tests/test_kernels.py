@@ -3,7 +3,7 @@
 Only strides change: parameters keep their identity, shape and bits; logits stay within 1e-5 of the
 unfused model and greedy tokens are identical (dynamic and static cache); gradients match; saves are
 byte-identical to the source; ``enabled=False`` restores the row-major storage. Bad requests name what
-is wrong.
+is wrong. (Compiling it, one graph and no recompile: tests/fusion/test_forwards.py.)
 """
 
 from __future__ import annotations
@@ -192,42 +192,3 @@ def test_every_demo_variant_gives_the_same_tokens(tmp_path):
     expected = build_variant("unfused", tmp_path).generate(prompt, **greedy)
     for name in VARIANTS[1:]:
         assert torch.equal(build_variant(name, tmp_path).generate(prompt, **greedy), expected), name
-
-
-def test_a_column_major_fused_model_compiles_in_one_graph_and_decodes_without_recompiling():
-    import torch._dynamo
-
-    reference, model = fused_pair("llama")
-    splice.kernels.use_column_major(model)
-    ids = tiny.token_ids(batch=1, length=5)
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            cache = T.StaticCache(config=model.config, max_cache_len=16)
-            model(ids, past_key_values=cache)
-            explained = torch._dynamo.explain(model)(
-                ids[:, :1], past_key_values=cache, cache_position=torch.tensor([5])
-            )
-            assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
-            torch._dynamo.reset()
-            compiled = torch.compile(model, backend="eager")
-            outputs = {}
-            for name, m in (("compiled", compiled), ("reference", reference)):
-                cache = T.StaticCache(config=model.config, max_cache_len=16)
-                token = m(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
-                tokens = []
-                for position in range(5, 9):
-                    if position == 6 and name == "compiled":  # from the second step on, nothing recompiles
-                        torch._dynamo.config.error_on_recompile = True
-                    token = (
-                        m(token, past_key_values=cache, cache_position=torch.tensor([position]))
-                        .logits[:, -1:]
-                        .argmax(-1)
-                    )
-                    tokens.append(token.item())
-                torch._dynamo.config.error_on_recompile = False
-                outputs[name] = tokens
-            assert outputs["compiled"] == outputs["reference"]
-    finally:
-        torch._dynamo.config.error_on_recompile = False
-        torch._dynamo.reset()

@@ -313,11 +313,14 @@ def test_norm_kernel_runs_a_hooked_norm():
     assert seen == ["norm"]
 
 
-def test_compiled_fused_model_has_no_graph_break_and_no_recompile():
+@pytest.mark.parametrize(
+    "extra", [with_kernels, splice.kernels.use_column_major], ids=["kernels", "column-major"]
+)
+def test_compiled_fused_model_has_no_graph_break_and_no_recompile(extra):
     import torch._dynamo
 
     _, model = fused_pair("llama")
-    with_kernels(model)
+    extra(model)
     ids = tiny.token_ids(batch=1, length=5)
 
     def decode(m, steps=4):
