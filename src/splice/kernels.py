@@ -149,8 +149,9 @@ def use_column_major(model: nn.Module, modules: str | None = None, *, enabled: b
 
     On a CPU, one decoding step is a matrix-vector product per projection, and MKL's runs at ~10 GB/s
     on a row-major ``[out, in]`` weight against ~21 GB/s on the same values stored column-major, when
-    ``out >= in`` (measured in ``benchmarks/bench_decode.py``; a ``[512, 1376]`` down projection is
-    faster row-major, and at 8 rows or more the two layouts are within ~10% either way). A fused
+    ``out >= in`` (timed per shape with ``F.linear`` on the 2-core machine the benchmarks run on; a
+    ``[512, 1376]`` down projection is faster row-major, and at 8 rows or more the two layouts are
+    within ~10% either way; ``benchmarks/bench_decode.py`` shows the effect on whole decoding steps). A fused
     projection is that shape: ``qkv_proj`` and ``gate_up_proj`` are wider than their input, which is
     where fusion and this layout pay together.
 
