@@ -4,6 +4,7 @@ rows of several tensors (its fused rows) as file mappings where the pages line u
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -42,13 +43,18 @@ def rank_indices(shape: tuple[int, ...], tp: int) -> list[tuple]:
     return indices
 
 
-@pytest.mark.parametrize("max_gap", [0, reader_module.MAX_GAP], ids=["call-per-run", "through-gaps"])
+@pytest.mark.parametrize(
+    "max_gap, map_runs",
+    [(0, 10**9), (reader_module.MAX_GAP, 10**9), (reader_module.MAX_GAP, 0)],
+    ids=["call-per-run", "through-gaps", "mapped-copy"],
+)
 @pytest.mark.parametrize("tp", [2, 3, 4])
 def test_every_rank_piece_is_bitwise_the_slice_of_the_full_tensor(
-    sharded_checkpoint, tp, max_gap, monkeypatch
+    sharded_checkpoint, tp, max_gap, map_runs, monkeypatch
 ):
     path, tensors = sharded_checkpoint
     monkeypatch.setattr(reader_module, "MAX_GAP", max_gap)
+    monkeypatch.setattr(reader_module, "MAP_RUNS", map_runs)
     with CheckpointReader(path) as reader:
         assert len(reader.files) > 1
         for key, full in tensors.items():
@@ -77,7 +83,8 @@ def _covered_bytes(full: torch.Tensor, index: tuple) -> int:
 
 
 @pytest.mark.parametrize("rows", [10, 1000, 5000])
-def test_a_column_split_takes_a_bounded_number_of_reads_not_one_per_row(tmp_path, rows):
+def test_a_column_split_takes_a_bounded_number_of_reads_not_one_per_row(tmp_path, rows, monkeypatch):
+    monkeypatch.setattr(reader_module, "MAP_RUNS", 10**9)  # the read path (mapped copies: below)
     full = random_tensor((rows, 64), torch.float32, 0)
     save_state_dict({"w": full}, tmp_path / "ckpt")
     with CheckpointReader(tmp_path / "ckpt") as reader:
@@ -89,6 +96,42 @@ def test_a_column_split_takes_a_bounded_number_of_reads_not_one_per_row(tmp_path
         assert calls == math.ceil((2 * rows - 1) / checkpoint_io.IOV_MAX)
         assert calls <= 1 + rows // 500
         assert reader.bytes_discarded == (rows - 1) * 32 * 4
+
+
+@pytest.mark.skipif(not CAN_STITCH, reason="mapped copies need Linux mmap")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_column_split_of_many_rows_is_one_mapped_copy_with_no_read_call(tmp_path, dtype):
+    rows = reader_module.MAP_RUNS * 3 + 1
+    full = random_tensor((rows, 7, 24), dtype, 0)
+    save_state_dict({"w": full, "pad": torch.ones(3, dtype=torch.uint8)}, tmp_path / "ckpt")
+    with CheckpointReader(tmp_path / "ckpt") as reader:
+        before = reader.read_calls
+        columns = reader.get_slice("w")[1:, :, 5:17]  # a run per (row, middle) pair
+        assert_same(columns, full[1:, :, 5:17])
+        assert reader.read_calls == before
+        assert reader.bytes_read == columns.nbytes
+        assert (
+            reader.bytes_discarded
+            == _covered_bytes(full, (slice(1, None), slice(None), slice(5, 17))) - columns.nbytes
+        )
+        # into a strided destination, leaving its neighbours alone
+        out = torch.zeros(rows - 1, 7, 20, dtype=dtype)
+        reader.read_into("w", out[..., 4:16], (slice(1, None), slice(None), slice(5, 17)))
+        assert_same(out[..., 4:16], full[1:, :, 5:17])
+        assert not out[..., :4].any() and not out[..., 16:].any()
+        assert reader.read_calls == before
+
+
+def test_a_mapped_copy_falls_back_to_reads_where_the_file_cannot_be_mapped(tmp_path, monkeypatch):
+    rows = reader_module.MAP_RUNS * 2
+    full = random_tensor((rows, 16), torch.float32, 2)
+    save_state_dict({"w": full}, tmp_path / "ckpt")
+    monkeypatch.setattr(
+        reader_module, "through_mapping", lambda *args: False
+    )  # e.g. a file system without mmap
+    with CheckpointReader(tmp_path / "ckpt") as reader:
+        assert_same(reader.get_slice("w")[:, 3:9], full[:, 3:9])
+        assert reader.read_calls >= 1 and reader.bytes_read == rows * 6 * 4
 
 
 def test_gaps_wider_than_max_gap_are_skipped_with_a_read_per_run(tmp_path):
@@ -189,3 +232,17 @@ def test_rows_whose_pages_do_not_line_up_are_read_and_mismatches_refused(page_ro
         assert reader.map_rows([("a.q", 0, 1)] * (MAX_PIECES + 1), torch.float32) is None
         with pytest.raises(CheckpointError, match=r"12 rows has no rows 10:13"):
             reader.map_rows([("a.q", 10, 13)], torch.float32)
+
+
+@pytest.mark.skipif(not CAN_STITCH, reason="mapped copies need Linux mmap")
+def test_a_file_cut_short_after_opening_is_an_error_not_a_crash(tmp_path):
+    rows = reader_module.MAP_RUNS * 2
+    save_state_dict({"w": random_tensor((rows, 16), torch.float32, 3)}, tmp_path / "ckpt")
+    (file,) = (tmp_path / "ckpt").glob("*.safetensors")
+    with CheckpointReader(tmp_path / "ckpt") as reader:
+        os.truncate(file, file.stat().st_size - 64)
+        with pytest.raises(
+            CheckpointError,
+            match=r"unexpected end of file before byte \d+ \(was the file changed after it was opened\?\)",
+        ):
+            reader.get_slice("w")[:, 3:9]

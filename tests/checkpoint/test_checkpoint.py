@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import splice.checkpoint.atomic as atomic
+import splice.checkpoint.reader as reader_module
 from splice.checkpoint import (
     TAG_OF_DTYPE,
     CheckpointReader,
@@ -418,6 +419,9 @@ def test_reads_are_coalesced_into_as_few_system_calls_as_the_layout_allows(tmp_p
     weight = random_tensor((300, 8, 16), torch.bfloat16, 0)
     path = tmp_path / "w.safetensors"
     safetensors.torch.save_file({"w": weight}, path)
+    monkeypatch.setattr(
+        reader_module, "MAP_RUNS", 10**9
+    )  # positional reads only (the mapped copy: test_checkpoint_strided)
     with CheckpointReader(path) as reader:
         counter = ReadCounter(monkeypatch)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -138,3 +139,30 @@ def _map_fixed(address: int, length: int, file: RandomAccessFile, offset: int) -
 
 def _round_up(n: int) -> int:
     return -(-n // PAGE) * PAGE
+
+
+def through_mapping(
+    file: RandomAccessFile, offset: int, length: int, use: Callable[[torch.Tensor], None]
+) -> bool:
+    """Call ``use`` on ``length`` bytes of ``file`` from ``offset``, as a uint8 tensor on a private mapping.
+
+    For copying a strided selection (a column slice) out of the page cache with one ``copy_``: the file
+    pages it touches count towards the process's memory only until the mapping is closed, on return.
+    ``use`` must not keep the tensor. False, without calling ``use``, where the file cannot be mapped.
+    """
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        window = mmap.mmap(
+            file.fileno(), offset + length - start, flags=mmap.MAP_PRIVATE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start,
+        )  # fmt: skip
+    except (OSError, ValueError):
+        return False
+    try:
+        use(torch.frombuffer(window, dtype=torch.uint8, offset=offset - start, count=length))
+    finally:
+        try:
+            window.close()
+        except BufferError:  # pragma: no cover - ``use`` kept a view: the mapping goes when the view does
+            pass
+    return True
