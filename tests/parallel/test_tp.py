@@ -63,6 +63,10 @@ def check_common(ranks, ref, world):
     rank0 = ranks[0]
     for r, out in enumerate(ranks):
         torch.testing.assert_close(out["logits"], ref["logits"], atol=1e-5, rtol=0)
+        # no gradient recorded: local shards, no DTensor op, one all-reduce per row-parallel Linear and
+        # the embedding (and an all-gather of the lm_head's logits); bit for bit DTensor's grad-mode result
+        assert torch.equal(out["logits"], out["dtensor_path_logits"]), r
+        assert out["local_path"] == {"dtensor_ops": [], "all_reduces": 2 * 2 + 1}, r  # 2 layers
         assert torch.equal(out["generated"], ref["generated"]), r
         torch.testing.assert_close(out["loss"], ref["loss"], atol=1e-6, rtol=0)
     assert all(r["grads"] is None and r["state_dict"] is None for r in ranks[1:])  # rank 0 gathers

@@ -71,6 +71,14 @@ def llama(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tenso
     }
     with torch.no_grad():
         out["logits"] = model(ids).logits
+    out["dtensor_path_logits"] = model(ids).logits.detach()  # grad mode: DTensor runs every op
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        model(ids)
+    ops = [e.key for e in profile.key_averages()]
+    out["local_path"] = {
+        "dtensor_ops": sorted({"PythonSubclass", "Redistribute", "_FromTorchTensor"} & set(ops)),
+        "all_reduces": next(e.count for e in profile.key_averages() if e.key == "c10d::allreduce_"),
+    }
     out["generated"] = model.generate(ids[:1], max_new_tokens=10, do_sample=False, min_new_tokens=10)
 
     model.train()
@@ -149,6 +157,14 @@ def variants(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Te
     }
     with torch.no_grad():
         out["logits"] = model(ids).logits
+    out["dtensor_path_logits"] = model(ids).logits.detach()  # grad mode: DTensor runs every op
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        model(ids)
+    ops = [e.key for e in profile.key_averages()]
+    out["local_path"] = {
+        "dtensor_ops": sorted({"PythonSubclass", "Redistribute", "_FromTorchTensor"} & set(ops)),
+        "all_reduces": next(e.count for e in profile.key_averages() if e.key == "c10d::allreduce_"),
+    }
     out["generated"] = model.generate(ids[:1], max_new_tokens=10, do_sample=False, min_new_tokens=10)
     model.train()
     model(ids, labels=ids).loss.backward()

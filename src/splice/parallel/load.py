@@ -44,6 +44,7 @@ from splice.parallel.sharding import (
     resolve_styles,
 )
 from splice.parallel.state import ParallelState, source_layout
+from splice.parallel.styles import torch_style
 from splice.transforms import TensorMeta
 from splice.weightmap import Step
 
@@ -339,22 +340,6 @@ def _distributed(local: torch.Tensor, dim: int | None, shape: tuple[int, ...], m
 
 # --------------------------------------------------------------------------------------------------
 # the styles and the replicas
-
-
-def torch_style(style: str):
-    """The ``torch.distributed.tensor.parallel`` style for a Transformers plan style name."""
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    if style == "colwise":
-        return ColwiseParallel()
-    if style in ("colwise_gather_output", "colwise_rep"):
-        return ColwiseParallel(output_layouts=Replicate())
-    if style == "rowwise":
-        return RowwiseParallel()
-    if style in ("rowwise_rep", "rowwise_split_input") or style in EMBEDDING:
-        return RowwiseParallel(input_layouts=Replicate())
-    raise LoadError(f"no torch parallel style for {style!r}")
 
 
 def parallelize(model: nn.Module, mesh, styles: dict[str, str]) -> None:

@@ -32,10 +32,11 @@ from torch import nn
 
 from splice.errors import SpliceError
 from splice.parallel.layout import chunk_bounds
-from splice.parallel.load import replica_group, summing, torch_style
+from splice.parallel.load import replica_group, summing
 from splice.parallel.lora import base_of, consolidate_lora
 from splice.parallel.sharding import COLUMN, EMBEDDING, ROW
 from splice.parallel.state import STATE_ATTR
+from splice.parallel.styles import torch_style
 from splice.transforms import Op, TensorMeta, apply_ops, infer_ops, invert_ops
 
 __all__ = [
