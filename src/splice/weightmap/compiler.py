@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from splice.errors import TransformError, WeightMapError
 from splice.tensors import TensorMeta
@@ -17,13 +17,14 @@ Stages = Sequence[Sequence[Rule]]
 
 
 def resolve_step_ops(
-    ops: Sequence[Op], metas: Sequence[TensorMeta], where: str
+    ops: Sequence[Op], metas: Sequence[TensorMeta], where: str | Callable[[], str]
 ) -> tuple[tuple[Op, ...], list[TensorMeta]]:
     try:
         return resolve_ops(ops, metas)
     except (TransformError, RuntimeError, OverflowError, TypeError) as exc:  # torch's own, on absurd sizes
         shapes = ", ".join(str(m) for m in metas)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = where if isinstance(where, str) else where()
         raise WeightMapError(f"{where}: {reason} (inputs: {shapes})") from None
 
 
@@ -146,7 +147,10 @@ def _group_step(
 
     ops: tuple[Op, ...] = rule.ops
     source_metas = target_metas = None
-    where = f"rule {rule} on {compact(sources)}"
+
+    def where() -> str:  # for messages only: most maps compile hundreds of steps without one
+        return f"rule {rule} on {compact(sources)}"
+
     if metas is not None:
         source_metas = tuple(_meta(metas, k) for k in sources)
         ops, outs = resolve_step_ops(rule.ops, source_metas, where)
@@ -155,13 +159,13 @@ def _group_step(
         if len(rule.targets) != 1:
             raise WeightMapError(f"rule {rule}: a '#' target must be the only target")
         if target_metas is None:
-            raise WeightMapError(f"{where}: a '#' target needs shapes to know how many outputs there are")
+            raise WeightMapError(f"{where()}: a '#' target needs shapes to know how many outputs there are")
         targets = [rule.targets[0].fill(captures, i) for i in range(len(target_metas))]
     else:
         targets = [p.fill(captures) for p in rule.targets]
     if target_metas is not None and len(targets) != len(target_metas):
         raise WeightMapError(
-            f"{where}: the ops produce {len(target_metas)} tensor(s) but {len(targets)} target(s) are named"
+            f"{where()}: the ops produce {len(target_metas)} tensor(s) but {len(targets)} target(s) are named"
         )
     program = (Instr(tuple(sources), ops, tuple(targets)),)
     return Step(tuple(sources), tuple(targets), program, str(rule), source_metas, target_metas)

@@ -160,9 +160,9 @@ def compact(patterns: Sequence[str]) -> str:
 
 
 def _common_prefix(texts: Sequence[str]) -> str:
-    first = min(texts, key=len)
+    first, last = min(texts), max(texts)  # what the smallest and largest share, every text shares
     for i, c in enumerate(first):
-        if any(t[i] != c for t in texts):
+        if last[i] != c:
             return first[:i]
     return first
 

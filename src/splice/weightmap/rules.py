@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from splice.errors import TransformError, WeightMapError
@@ -94,6 +95,10 @@ class Rule:
         return cls(tuple(sources), tuple(targets), ops)
 
     def __str__(self) -> str:
+        return self._text
+
+    @cached_property
+    def _text(self) -> str:  # steps name their rule: a map of hundreds of keys prints each rule many times
         text = f"{compact([p.text for p in self.sources])} -> {compact([p.text for p in self.targets])}"
         return text + "".join(f" | {op}" for op in self.ops)
 
