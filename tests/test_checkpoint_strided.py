@@ -13,6 +13,7 @@ from test_checkpoint import assert_same, random_tensor
 import splice.checkpoint.reader as reader_module
 from splice.checkpoint import CheckpointReader, save_state_dict
 from splice.checkpoint import _io as checkpoint_io
+from splice.checkpoint import _stitch as checkpoint_stitch
 from splice.checkpoint._stitch import CAN_STITCH, MAX_PIECES
 from splice.checkpoint.slicing import DISCARD, positional_reads
 from splice.errors import CheckpointError
@@ -127,7 +128,7 @@ def test_a_mapped_copy_falls_back_to_reads_where_the_file_cannot_be_mapped(tmp_p
     full = random_tensor((rows, 16), torch.float32, 2)
     save_state_dict({"w": full}, tmp_path / "ckpt")
     monkeypatch.setattr(
-        reader_module, "through_mapping", lambda *args: False
+        checkpoint_stitch, "through_mapping", lambda *args: False
     )  # e.g. a file system without mmap
     with CheckpointReader(tmp_path / "ckpt") as reader:
         assert_same(reader.get_slice("w")[:, 3:9], full[:, 3:9])

@@ -24,6 +24,7 @@ PosixPath('ckpt/model-00001-of-00002.safetensors')
 
 from __future__ import annotations
 
+import difflib
 import os
 import shutil
 import stat
@@ -39,6 +40,12 @@ def shown(name: object, limit: int = 80) -> str:
     """``repr`` of a name read from a file, cut to ``limit`` characters, for error messages."""
     text = repr(name)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def close_matches(key: str, names) -> str:
+    """``"; did you mean 'a', 'b'?"`` for the names nearest ``key``, or nothing: the tail of a not-found message."""
+    matches = difflib.get_close_matches(key, list(names), n=3)
+    return f"; did you mean {', '.join(map(repr, matches))}?" if matches else ""
 
 
 def member(directory: Path, name: object, where: str, what: str = "file name") -> Path:

@@ -9,7 +9,6 @@ with one ``copy_`` out of a transient private mapping of the bytes it spans, unm
 
 from __future__ import annotations
 
-import difflib
 import glob
 import os
 import threading
@@ -22,7 +21,7 @@ from splice.errors import CheckpointError
 from splice.tensors import TensorMeta
 
 from ._io import RandomAccessFile, memory_of
-from ._stitch import CAN_STITCH, MAX_PIECES, stitch_rows, through_mapping
+from ._stitch import CAN_STITCH, MAP_RUNS, MAX_PIECES, copy_selection, stitch_rows
 from .atomic import ASIDE_MARKER
 from .format import (
     Header,
@@ -33,7 +32,7 @@ from .format import (
     load_json_object,
     parse_header,
 )
-from .paths import member, shown
+from .paths import close_matches, member, shown
 from .slicing import DISCARD, Ranges, TensorSlice, file_runs, memory_runs, positional_reads, select
 
 DEFAULT_WEIGHTS_NAME = "model.safetensors"
@@ -43,14 +42,6 @@ MAX_GAP = 64 << 10
 
 A system call costs about what copying 64 KiB out of the page cache does, so reading a column slice of a
 matrix row by row through the gaps costs a few calls per tensor, and at most one gap's worth of memory.
-"""
-
-MAP_RUNS = 64
-"""A selection of more contiguous runs than this is copied out of a transient mapping (Linux), not read.
-
-Scattering a read over a buffer per run costs Python work per run: a column slice of a [1024, 2688]
-float32 matrix took ~7 ms that way against ~2.5 ms for one ``copy_`` out of a mapping of the rows it spans
-(the pages come from the page cache, and count towards the process's memory only until the copy ends).
 """
 
 
@@ -196,7 +187,7 @@ class CheckpointReader:
             if entry is None:
                 raise CheckpointError(
                     f"{where}: maps tensor {key!r} to {filename}, but that file has no such tensor "
-                    f"(it holds {len(shard.header.entries)} tensors{_close_matches(key, shard.header.entries)})"
+                    f"(it holds {len(shard.header.entries)} tensors{close_matches(key, shard.header.entries)})"
                 )
             self._entries[key] = (shard, entry)
         for shard in self._shards.values():
@@ -406,58 +397,24 @@ class CheckpointReader:
         offsets, run = file_runs(meta.shape, meta.dtype.itemsize, ranges)
         if not offsets:
             return
-        if len(offsets) > MAP_RUNS and self._copy_mapped(shard, entry, ranges, out, offsets, run):
-            return
-        block_offsets, block = memory_runs(out, where)
-        reads = positional_reads(offsets, run, block_offsets, block, MAX_GAP)
-        memory = memory_of(out)
-        gap = max((n for _, pieces in reads for at, n in pieces if at == DISCARD), default=0)
-        discard = memoryview(bytearray(gap))
-        read = 0
-        for offset, pieces in reads:
-            buffers = [discard[:n] if at == DISCARD else memory[at : at + n] for at, n in pieces]
-            read += shard.file.read_exactly(buffers, entry.start + offset)
         wanted = len(offsets) * run
-        with self._lock:
-            self._bytes_read += wanted
-            self._bytes_discarded += read - wanted
-
-    def _copy_mapped(
-        self,
-        shard: _Shard,
-        entry: TensorEntry,
-        ranges: Ranges,
-        out: torch.Tensor,
-        offsets: list[int],
-        run: int,
-    ) -> bool:
-        """``out.copy_(tensor[ranges])`` out of a private mapping of the bytes the selection spans; False if unmappable."""
-        meta = entry.meta
-        itemsize = meta.dtype.itemsize
-        if not CAN_STITCH or entry.start % itemsize:
-            return False
-        strides = [1] * len(meta.shape)
-        for dim in range(len(meta.shape) - 2, -1, -1):
-            strides[dim] = strides[dim + 1] * meta.shape[dim + 1]
-        shape = [stop - start for start, stop in ranges]
-        span = offsets[-1] + run - offsets[0]
-        end = entry.start + offsets[-1] + run
-        if shard.file.size() < end:  # touching a mapped page past the end would kill the process (SIGBUS)
-            raise CheckpointError(
-                f"{shard.path}: unexpected end of file before byte {end} (was the file changed after it was opened?)"
-            )
-
-        def copy(window: torch.Tensor) -> None:
-            with torch.no_grad():
-                out.copy_(window.view(meta.dtype).as_strided(shape, strides))
-
-        if not through_mapping(shard.file, entry.start + offsets[0], span, copy):
-            return False
-        wanted = len(offsets) * run
+        # many runs (a column slice): one copy out of a mapping; else reads, through gaps up to MAX_GAP
+        span = (
+            copy_selection(shard.file, entry, ranges, offsets, run, out) if len(offsets) > MAP_RUNS else None
+        )
+        if span is None:
+            block_offsets, block = memory_runs(out, where)
+            reads = positional_reads(offsets, run, block_offsets, block, MAX_GAP)
+            memory = memory_of(out)
+            gap = max((n for _, pieces in reads for at, n in pieces if at == DISCARD), default=0)
+            discard = memoryview(bytearray(gap))
+            span = 0
+            for offset, pieces in reads:
+                buffers = [discard[:n] if at == DISCARD else memory[at : at + n] for at, n in pieces]
+                span += shard.file.read_exactly(buffers, entry.start + offset)
         with self._lock:
             self._bytes_read += wanted
             self._bytes_discarded += span - wanted
-        return True
 
     def _entry(self, key: str) -> tuple[_Shard, TensorEntry]:
         if self._closed:
@@ -467,7 +424,7 @@ class CheckpointReader:
         except KeyError:
             raise CheckpointError(
                 f"{self.path}: no tensor {key!r} among its {len(self._entries)} tensors"
-                f"{_close_matches(key, self._entries)}"
+                f"{close_matches(key, self._entries)}"
             ) from None
         except TypeError:
             raise CheckpointError(f"{self.path}: tensor names are strings, found {key!r}") from None
@@ -489,8 +446,3 @@ class CheckpointReader:
     def __repr__(self) -> str:
         layout = f"{len(self._shards)} files" if self.index_path else "1 file"
         return f"CheckpointReader({str(self.path)!r}, {len(self)} tensors in {layout})"
-
-
-def _close_matches(key: str, names) -> str:
-    matches = difflib.get_close_matches(key, list(names), n=3)
-    return f"; did you mean {', '.join(map(repr, matches))}?" if matches else ""

@@ -26,7 +26,8 @@ from splice.tensors import TensorMeta
 from . import atomic
 from ._io import RandomAccessFile, memory_of
 from .format import FileLayout, check_little_endian, check_metadata, describe, encode_layout, tag_of
-from .reader import DEFAULT_WEIGHTS_NAME, _close_matches
+from .paths import close_matches
+from .reader import DEFAULT_WEIGHTS_NAME
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _DEFAULT_METADATA = {"format": "pt"}
@@ -236,7 +237,7 @@ class CheckpointWriter:
             if meta is None:
                 raise CheckpointError(
                     f"{where}: tensor {key!r} was not declared when the writer was created "
-                    f"({len(self._metas)} declared{_close_matches(key, self._metas)})"
+                    f"({len(self._metas)} declared{close_matches(key, self._metas)})"
                 )
             if key in self._written or key in self._in_progress:
                 raise CheckpointError(f"{where}: tensor {key!r} is written twice")
