@@ -20,6 +20,7 @@ the architecture a fresh (unfused) model is built from and may be shared with ot
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from torch import nn
 PLAN_ATTR = "_tp_plan"
 
 
+@functools.lru_cache(maxsize=4096)  # every module path is asked about once per plan entry
 def _generic(path: str) -> str:
     return re.sub(r"\.\d+(?=\.|$)", ".*", path)
 
@@ -49,8 +51,8 @@ def capture(model: nn.Module) -> list[OwnerPlan]:
         plan = owner.__dict__.get(PLAN_ATTR)
         if not isinstance(plan, dict) or not plan:
             continue
-        paths = dict(owner.named_modules())
-        named = {key: [m for p, m in paths.items() if p and (p == key or _generic(p) == key)] for key in plan}
+        paths = {p: (m, _generic(p)) for p, m in owner.named_modules() if p}
+        named = {key: [m for p, (m, generic) in paths.items() if key in (p, generic)] for key in plan}
         owners.append(OwnerPlan(owner, plan, named))
     return owners
 
