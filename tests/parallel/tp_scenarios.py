@@ -34,6 +34,24 @@ def spawn(scenario: str, world: int, workdir: Path, **options: Any) -> list[dict
 # scenarios
 
 
+def inference_paths(model, ids: torch.Tensor) -> dict[str, Any]:
+    """No-grad logits (local shards), grad-mode logits (DTensor runs every op), and the no-grad path's ops."""
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        out["logits"] = model(ids).logits
+    out["dtensor_path_logits"] = model(ids).logits.detach()
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        model(ids)
+    events = profile.key_averages()
+    out["local_path"] = {
+        "dtensor_ops": sorted(
+            {"PythonSubclass", "Redistribute", "_FromTorchTensor"} & {e.key for e in events}
+        ),
+        "all_reduces": next(e.count for e in events if e.key == "c10d::allreduce_"),
+    }
+    return out
+
+
 def llama(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tensor, extra_loads: bool) -> dict:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
@@ -69,16 +87,7 @@ def llama(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Tenso
         "replicated": parallel.replicated_bytes_read,
         "mapped": parallel.bytes_mapped,
     }
-    with torch.no_grad():
-        out["logits"] = model(ids).logits
-    out["dtensor_path_logits"] = model(ids).logits.detach()  # grad mode: DTensor runs every op
-    with torch.no_grad(), torch.profiler.profile() as profile:
-        model(ids)
-    ops = [e.key for e in profile.key_averages()]
-    out["local_path"] = {
-        "dtensor_ops": sorted({"PythonSubclass", "Redistribute", "_FromTorchTensor"} & set(ops)),
-        "all_reduces": next(e.count for e in profile.key_averages() if e.key == "c10d::allreduce_"),
-    }
+    out.update(inference_paths(model, ids))
     out["generated"] = model.generate(ids[:1], max_new_tokens=10, do_sample=False, min_new_tokens=10)
 
     model.train()
@@ -155,16 +164,7 @@ def variants(rank: int, world: int, workdir: Path, *, source: str, ids: torch.Te
         "embed": tuple(model.model.embed_tokens.weight.to_local().shape),
         "qkv_bias": tuple(model.model.layers[0].self_attn.qkv_proj.bias.to_local().shape),
     }
-    with torch.no_grad():
-        out["logits"] = model(ids).logits
-    out["dtensor_path_logits"] = model(ids).logits.detach()  # grad mode: DTensor runs every op
-    with torch.no_grad(), torch.profiler.profile() as profile:
-        model(ids)
-    ops = [e.key for e in profile.key_averages()]
-    out["local_path"] = {
-        "dtensor_ops": sorted({"PythonSubclass", "Redistribute", "_FromTorchTensor"} & set(ops)),
-        "all_reduces": next(e.count for e in profile.key_averages() if e.key == "c10d::allreduce_"),
-    }
+    out.update(inference_paths(model, ids))
     out["generated"] = model.generate(ids[:1], max_new_tokens=10, do_sample=False, min_new_tokens=10)
     model.train()
     model(ids, labels=ids).loss.backward()
